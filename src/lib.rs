@@ -1,0 +1,25 @@
+//! # spm — Concept Semi-Permeable Membranes for Stable Diffusion
+//!
+//! An SPM is a rank-1 LoRA-style adapter on every Linear/Conv2d inside the
+//! UNet's transformer blocks that erases one concept. This crate reads,
+//! converts, merges and bakes such adapters (and any kohya/PEFT LoRA) for
+//! SD1.x, SD2.x and SDXL.
+//!
+//! Layout, one concern per module:
+//! - [`io`]: safetensors (zero-copy reads, streamed writes), pickles read as
+//!   data, atomic output.
+//! - [`schemes`]: module inventories (data in `converters/`), key grammar of
+//!   every naming scheme.
+//! - [`adapter`]: a file resolved into modules of an architecture.
+//! - [`inspect`], [`convert`], [`merge`], [`bake`]: the commands' logic.
+
+pub mod adapter;
+pub mod bake;
+pub mod convert;
+pub mod error;
+pub mod inspect;
+pub mod io;
+pub mod merge;
+pub mod schemes;
+
+pub use error::{Error, Result};

@@ -1,0 +1,480 @@
+//! The `spm` command line. Thin: parses flags, calls the library, prints a
+//! summary (or JSON with `--json`), and turns errors into one clear line
+//! and a non-zero exit.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::json;
+use tracing::info;
+
+use spm::adapter::Adapter;
+use spm::bake::{self, BakeReport};
+use spm::convert::{self, ConvertOptions, Curve};
+use spm::error::{Error, Result};
+use spm::inspect;
+use spm::io::output::{check_output, AtomicFile};
+use spm::io::safetensors::write_tensors;
+use spm::io::tensor::{Dtype, RawTensor};
+use spm::merge;
+use spm::schemes::{Arch, Scheme};
+
+/// Concept Semi-Permeable Membranes (SPM) for Stable Diffusion.
+///
+/// An SPM is a rank-1 LoRA on every layer of the UNet's transformer blocks
+/// that erases one concept. `spm` turns SPM files into LoRAs that
+/// A1111/Forge/ComfyUI/diffusers load, moves any LoRA between key-naming
+/// schemes (kohya, LDM, PEFT, old diffusers) for SD1.x/SD2.x/SDXL without
+/// loss, merges membranes and bakes them into checkpoints.
+///
+/// Examples:
+///   spm inspect erase_pikachu.safetensors
+///   spm convert erase_pikachu.safetensors --to kohya -o pikachu_lora.safetensors
+///   spm merge snoopy.safetensors mickey.safetensors -o cartoons.safetensors
+///   spm bake --base v1-5.safetensors erase_pikachu.safetensors -o v1-5-nopika.safetensors
+#[derive(Parser)]
+#[command(name = "spm", version, verbatim_doc_comment, max_term_width = 100)]
+struct Cli {
+    /// More log output (-v info, -vv debug). Logs go to stderr.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ArchArg {
+    Auto,
+    Sd1,
+    Sd2,
+    Sdxl,
+}
+
+impl ArchArg {
+    fn get(self) -> Option<Arch> {
+        match self {
+            ArchArg::Auto => None,
+            ArchArg::Sd1 => Some(Arch::Sd1),
+            ArchArg::Sd2 => Some(Arch::Sd2),
+            ArchArg::Sdxl => Some(Arch::Sdxl),
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DtypeArg {
+    Keep,
+    Fp32,
+    Fp16,
+    Bf16,
+}
+
+impl DtypeArg {
+    fn get(self) -> Option<Dtype> {
+        match self {
+            DtypeArg::Keep => None,
+            DtypeArg::Fp32 => Some(Dtype::F32),
+            DtypeArg::Fp16 => Some(Dtype::F16),
+            DtypeArg::Bf16 => Some(Dtype::BF16),
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show an adapter's scheme, architecture, module coverage, ranks,
+    /// alphas, dtypes, concepts, metadata and every key that maps to no module.
+    ///
+    /// Coverage compares against the architecture's inventory: an SD1 SPM
+    /// covers 192/192 transformer layers; a kohya LoCon adds 86 conv layers;
+    /// a text-encoder LoRA 72 (SD1), 138 (SD2) or 72+192 (SDXL) layers.
+    #[command(verbatim_doc_comment)]
+    Inspect {
+        /// A .safetensors file, or a PyTorch .pt/.ckpt state dict (read as data, never executed).
+        file: PathBuf,
+        /// Architecture; `auto` detects it from module names and shapes.
+        #[arg(long, value_enum, default_value = "auto")]
+        arch: ArchArg,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rewrite an adapter in another key-naming scheme.
+    ///
+    /// Schemes:
+    ///   spm            SPM's own files (kohya keys, diffusers names, prompts/rank/alpha metadata)
+    ///   kohya          what kohya sd-scripts and A1111/Forge/ComfyUI load: diffusers names for
+    ///                  SD1/SD2, SAI/LDM names for SDXL, with ss_* and modelspec.* metadata.
+    ///                  SPM concepts (`prompts`) are kept so the sidecar can still gate the file.
+    ///   ldm            kohya prefixes over LDM/compvis (SAI) UNet names, for every arch
+    ///   peft           diffusers PEFT (`unet.<path>.lora_A.weight`), alphas in lora_adapter_metadata
+    ///   diffusers-old  pre-PEFT attention processors; attention layers only, no alpha (lossy)
+    ///
+    /// Tensors keep their bytes and dtype; only 1×1-conv ↔ linear factors are
+    /// reshaped (a view change). Round trips between spm/kohya/ldm/peft are
+    /// bit-exact.
+    ///
+    /// --strength m bakes a static membrane strength into the factors. By
+    /// default it follows SPM's reference code, which multiplies *both*
+    /// factors by m, so the weight delta scales by m²; `--curve linear`
+    /// scales only lora_up (delta × m, like a WebUI LoRA weight).
+    #[command(verbatim_doc_comment)]
+    Convert {
+        input: PathBuf,
+        /// Output file (never one of the inputs; atomic write).
+        #[arg(short, long)]
+        output: PathBuf,
+        #[arg(long, value_enum)]
+        to: Scheme,
+        #[arg(long, value_enum, default_value = "auto")]
+        arch: ArchArg,
+        /// Cast floating-point tensors (alpha too).
+        #[arg(long, value_enum, default_value = "keep")]
+        dtype: DtypeArg,
+        /// Bake a static strength m into the factors (see --curve).
+        #[arg(long)]
+        strength: Option<f32>,
+        /// How --strength scales the delta: reference (m², SPM's code) or linear (m).
+        #[arg(long, value_enum, default_value = "reference")]
+        curve: Curve,
+        /// Accept output that drops layers or rounds alphas (diffusers-old).
+        #[arg(long)]
+        allow_lossy: bool,
+        /// Drop keys that map to no module instead of failing.
+        #[arg(long)]
+        allow_unknown: bool,
+        /// Replace an existing output file.
+        #[arg(long)]
+        force: bool,
+        /// Print a JSON summary.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Combine membranes/LoRAs into one file, exactly.
+    ///
+    /// Ranks are concatenated, so the merged delta is exactly
+    /// Σ wᵢ·(αᵢ/rᵢ)·Uᵢ·Dᵢ (no SVD, no approximation); alpha becomes the total
+    /// rank. Each part's concepts are listed in the metadata (`prompts` is
+    /// their union, `spm.merged_from` the per-part detail).
+    #[command(verbatim_doc_comment)]
+    Merge {
+        /// Two or more adapters of the same architecture.
+        #[arg(required = true, num_args = 1..)]
+        inputs: Vec<PathBuf>,
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Weights, one per input (delta multipliers), e.g. 1,0.5. Default 1 each.
+        #[arg(long, value_delimiter = ',')]
+        weights: Vec<f32>,
+        /// Scheme of the merged file.
+        #[arg(long, value_enum, default_value = "kohya")]
+        to: Scheme,
+        #[arg(long, value_enum, default_value = "auto")]
+        arch: ArchArg,
+        /// Output dtype; `keep` picks the widest input dtype.
+        #[arg(long, value_enum, default_value = "keep")]
+        dtype: DtypeArg,
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Merge adapters into a full checkpoint: W' = W + Σ w·(α/r)·U·D.
+    ///
+    /// The base is a single-file LDM .safetensors checkpoint or a diffusers
+    /// folder (unet/, text_encoder/, text_encoder_2/; other files are copied).
+    /// It is streamed tensor by tensor in its own dtype, so memory stays at
+    /// one weight tensor. Every adapter module that found no weight in the
+    /// checkpoint is reported.
+    #[command(verbatim_doc_comment)]
+    Bake {
+        /// The checkpoint (.safetensors file or diffusers folder).
+        #[arg(long)]
+        base: PathBuf,
+        /// Adapters to bake in.
+        #[arg(required = true, num_args = 1..)]
+        inputs: Vec<PathBuf>,
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Weights, one per adapter (delta multipliers). Default 1 each.
+        #[arg(long, value_delimiter = ',')]
+        weights: Vec<f32>,
+        #[arg(long, value_enum, default_value = "auto")]
+        arch: ArchArg,
+        /// Fail when an adapter module finds no weight in the checkpoint.
+        #[arg(long)]
+        strict: bool,
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SPM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .init();
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn weights_for(weights: &[f32], n: usize) -> Result<Vec<f32>> {
+    match weights.len() {
+        0 => Ok(vec![1.0; n]),
+        k if k == n => Ok(weights.to_vec()),
+        k => Err(Error::usage(format!(
+            "--weights has {k} value(s) for {n} input(s)"
+        ))),
+    }
+}
+
+fn stem(p: &Path) -> String {
+    p.file_stem()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_else(|| "spm".into())
+}
+
+fn write_file(
+    out: &Path,
+    metadata: &std::collections::BTreeMap<String, String>,
+    tensors: &[(String, RawTensor)],
+) -> Result<u64> {
+    let mut f = AtomicFile::create(out)?;
+    {
+        let mut w = f.buffered();
+        write_tensors(&mut w, metadata, tensors).map_err(|e| Error::io(out, e))?;
+        std::io::Write::flush(&mut w).map_err(|e| Error::io(out, e))?;
+    }
+    f.commit()?;
+    Ok(std::fs::metadata(out).map(|m| m.len()).unwrap_or(0))
+}
+
+fn run(cmd: Command) -> Result<()> {
+    match cmd {
+        Command::Inspect { file, arch, json } => {
+            let ad = Adapter::load(&file, arch.get())?;
+            let report = inspect::inspect(&ad);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report).expect("json"));
+            } else {
+                print!("{}", inspect::render_text(&report));
+            }
+            Ok(())
+        }
+        Command::Convert {
+            input,
+            output,
+            to,
+            arch,
+            dtype,
+            strength,
+            curve,
+            allow_lossy,
+            allow_unknown,
+            force,
+            json,
+        } => {
+            check_output(&output, &[&input], force)?;
+            let ad = Adapter::load(&input, arch.get())?;
+            info!(
+                arch = ad.arch.name(),
+                modules = ad.modules.len(),
+                "loaded {}",
+                input.display()
+            );
+            let opts = ConvertOptions {
+                to,
+                dtype: dtype.get(),
+                strength,
+                curve,
+                allow_lossy,
+                allow_unknown,
+                title: stem(&output),
+            };
+            let r = convert::convert(&ad, &opts)?;
+            let size = write_file(&output, &r.metadata, &r.tensors)?;
+            if json {
+                let v = json!({
+                    "input": input, "output": output, "from": ad.scheme.map(|s| s.name()), "to": to.name(),
+                    "arch": ad.arch.name(), "modules": ad.modules.len(), "tensors": r.tensors.len(),
+                    "bytes": size, "lossy": r.lossy, "concepts": ad.concepts(),
+                });
+                println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+            } else {
+                println!(
+                    "{} ({}, {}) -> {} ({}): {} modules, {} tensors, {} bytes",
+                    input.display(),
+                    ad.scheme.map(|s| s.name()).unwrap_or("?"),
+                    ad.arch.name(),
+                    output.display(),
+                    to.name(),
+                    ad.modules.len(),
+                    r.tensors.len(),
+                    size
+                );
+                for l in &r.lossy {
+                    println!("  lossy: {l}");
+                }
+            }
+            Ok(())
+        }
+        Command::Merge {
+            inputs,
+            output,
+            weights,
+            to,
+            arch,
+            dtype,
+            force,
+            json,
+        } => {
+            let refs: Vec<&Path> = inputs.iter().map(PathBuf::as_path).collect();
+            check_output(&output, &refs, force)?;
+            let weights = weights_for(&weights, inputs.len())?;
+            let adapters = inputs
+                .iter()
+                .map(|p| Adapter::load(p, arch.get()))
+                .collect::<Result<Vec<_>>>()?;
+            let parts: Vec<merge::Part> = adapters
+                .iter()
+                .zip(&weights)
+                .map(|(a, w)| merge::Part {
+                    adapter: a,
+                    weight: *w,
+                })
+                .collect();
+            let merged = merge::merge(&parts, dtype.get())?;
+            let opts = ConvertOptions {
+                to,
+                dtype: None,
+                strength: None,
+                curve: Curve::Reference,
+                allow_lossy: false,
+                allow_unknown: false,
+                title: stem(&output),
+            };
+            let r = convert::render(
+                adapters[0].arch,
+                &merged.modules,
+                &merged.metadata,
+                &[],
+                &opts,
+            )?;
+            let size = write_file(&output, &r.metadata, &r.tensors)?;
+            let rank = merged
+                .modules
+                .iter()
+                .filter_map(|m| m.rank())
+                .max()
+                .unwrap_or(0);
+            if json {
+                let v = json!({
+                    "inputs": inputs, "weights": weights, "output": output, "to": to.name(),
+                    "arch": adapters[0].arch.name(), "modules": merged.modules.len(), "max_rank": rank,
+                    "bytes": size, "concepts": r.metadata.get("prompts"),
+                });
+                println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+            } else {
+                println!(
+                    "merged {} inputs -> {} ({}, {}): {} modules, rank up to {}, {} bytes",
+                    inputs.len(),
+                    output.display(),
+                    to.name(),
+                    adapters[0].arch.name(),
+                    merged.modules.len(),
+                    rank,
+                    size
+                );
+            }
+            Ok(())
+        }
+        Command::Bake {
+            base,
+            inputs,
+            output,
+            weights,
+            arch,
+            strict,
+            force,
+            json,
+        } => {
+            let mut refs: Vec<&Path> = inputs.iter().map(PathBuf::as_path).collect();
+            refs.push(&base);
+            check_output(&output, &refs, force)?;
+            let weights = weights_for(&weights, inputs.len())?;
+            let adapters = inputs
+                .iter()
+                .map(|p| Adapter::load(p, arch.get()))
+                .collect::<Result<Vec<_>>>()?;
+            for a in &adapters {
+                a.ensure_clean(false)?;
+                if let Some(m) = a.modules.iter().find(|m| !m.is_plain_lora()) {
+                    return Err(Error::key(
+                        &a.path,
+                        a.inventory().flat_name(m.index, false),
+                        "only plain LoRA/LoCon modules can be baked (LoHa/LoKr/DoRA found)",
+                    ));
+                }
+            }
+            let ins: Vec<bake::Input> = adapters
+                .iter()
+                .zip(&weights)
+                .map(|(a, w)| bake::Input {
+                    adapter: a,
+                    weight: *w,
+                })
+                .collect();
+            let progress = !json && std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let report: BakeReport = bake::bake(&base, &ins, &output, progress)?;
+            if strict && !report.unmatched.is_empty() {
+                let _ = std::fs::remove_file(&output).or_else(|_| std::fs::remove_dir_all(&output));
+                return Err(Error::usage(format!(
+                    "{} adapter module(s) found no weight in {}: {}",
+                    report.unmatched.len(),
+                    base.display(),
+                    report.unmatched.join(", ")
+                )));
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report).expect("json"));
+            } else {
+                println!(
+                    "baked {} adapter(s) into {} ({}): {} modules applied, {}/{} tensors changed, {} bytes",
+                    inputs.len(),
+                    output.display(),
+                    report.layout,
+                    report.modules_applied,
+                    report.tensors_modified,
+                    report.tensors,
+                    report.bytes_written
+                );
+                if !report.unmatched.is_empty() {
+                    println!("  {} module(s) found no target:", report.unmatched.len());
+                    for u in &report.unmatched {
+                        println!("    {u}");
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+}
