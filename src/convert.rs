@@ -132,7 +132,14 @@ pub fn render(
         };
         match opts.to {
             Scheme::Peft => {
-                let base = format!("{}.{}", spec.component.dotted_prefix(), spec.path);
+                // diffusers under transformers ≥ 5 writes CLIPTextModel keys
+                // without `text_model.` but keeps it for the SDXL second
+                // encoder (CLIPTextModelWithProjection); we match that.
+                let path = match spec.component {
+                    Component::TextEncoder => spec.path.trim_start_matches("text_model."),
+                    _ => spec.path.as_str(),
+                };
+                let base = format!("{}.{path}", spec.component.dotted_prefix());
                 tensors.push((format!("{base}.lora_A.weight"), down.clone()));
                 tensors.push((format!("{base}.lora_B.weight"), up.clone()));
             }
