@@ -21,7 +21,24 @@ SD15 = dict(
 )
 
 
+def write_ldm(out):
+    """The same UNet as a single-file LDM checkpoint (`model.diffusion_model.<SAI>`),
+    renamed with the fixture generator's spec-table renamer (checked there
+    against diffusers' own LDM converter)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "fixtures"))
+    from make_fixtures import make_sai_renamer, unet_to_ldm
+    from safetensors.torch import load_file
+
+    sd = load_file(f"{out}/sd15/unet/diffusion_pytorch_model.safetensors")
+    ldm = unet_to_ldm(sd, make_sai_renamer(dict(SD15)))
+    save_file(ldm, f"{out}/sd15_ldm.safetensors")
+
+
 def main(out):
+    if os.path.exists(f"{out}/sd15/unet/diffusion_pytorch_model.safetensors"):
+        if not os.path.exists(f"{out}/sd15_ldm.safetensors"):
+            write_ldm(out)
+        return
     os.makedirs(f"{out}/sd15/unet", exist_ok=True)
     with torch.device("meta"):
         unet = UNet2DConditionModel(**SD15)
@@ -51,6 +68,7 @@ def main(out):
             spm[f"{name}.alpha"] = torch.tensor(1.0)
     assert len(spm) == 576, len(spm)
     save_file(spm, f"{out}/spm_sd15.safetensors", metadata={"prompts": "pikachu", "rank": "1", "alpha": "1.0"})
+    write_ldm(out)
     print(f"wrote {out}/sd15 ({sum(t.numel() for t in sd.values())} params) and {out}/spm_sd15.safetensors")
 
 
