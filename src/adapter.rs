@@ -29,9 +29,16 @@ pub struct Module {
 }
 
 impl Module {
-    /// The rank: rows of the down factor.
+    /// The rank: rows of the down factor (LoHa: of `hada_w1_b`; LoKr: of its
+    /// low-rank `b` factor; `None` for full-rank LoKr blocks).
     pub fn rank(&self) -> Option<usize> {
-        self.down.as_ref().map(|d| d.shape[0])
+        if let Some(d) = &self.down {
+            return d.shape.first().copied();
+        }
+        ["hada_w1_b", "lokr_w2_b", "lokr_w1_b"]
+            .iter()
+            .find_map(|k| self.other.get(*k))
+            .and_then(|t| t.shape.first().copied())
     }
 
     /// Alpha as a number; a missing alpha means alpha = rank (scale 1) in

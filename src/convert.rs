@@ -95,7 +95,7 @@ pub fn render(
     let sai = opts.to.sai_names(arch);
     let mut tensors = Vec::new();
     let mut lossy = Vec::new();
-    let mut refused = Vec::new();
+    let mut refused: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut kept: Vec<Module> = Vec::new();
 
     for m in modules {
@@ -119,12 +119,8 @@ pub fn render(
             continue;
         }
         if !m.other.is_empty() {
-            refused.push(format!(
-                "{} has {} parameters, which {} cannot hold",
-                spec.path,
-                m.other.keys().cloned().collect::<Vec<_>>().join("/"),
-                opts.to.name()
-            ));
+            let params = m.other.keys().cloned().collect::<Vec<_>>().join("/");
+            refused.entry(params).or_default().push(spec.path.clone());
             continue;
         }
         let (Some(down), Some(up)) = (&m.down, &m.up) else {
@@ -175,10 +171,22 @@ pub fn render(
         kept.push(prepared.clone());
     }
     if !refused.is_empty() {
+        let why: Vec<String> = refused
+            .iter()
+            .map(|(params, paths)| {
+                let shown: Vec<&str> = paths.iter().take(3).map(String::as_str).collect();
+                format!(
+                    "{} module(s) carry {params} (e.g. {}{})",
+                    paths.len(),
+                    shown.join(", "),
+                    if paths.len() > 3 { ", …" } else { "" }
+                )
+            })
+            .collect();
         return Err(Error::usage(format!(
-            "cannot write {}: {}",
+            "cannot write {}: {}, which it cannot hold (LyCORIS/DoRA files convert between spm/kohya/ldm only)",
             opts.to.name(),
-            refused.join("; ")
+            why.join("; ")
         )));
     }
     if !passthrough.is_empty() {

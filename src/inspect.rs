@@ -143,9 +143,14 @@ pub fn render_text(r: &InspectReport) -> String {
     line("modules", format!("{} ({})", r.modules, cov.join(", ")));
     line("tensors", r.tensors.to_string());
     let join = |m: Vec<String>| m.join(", ");
+    let ranks: Vec<String> = r.ranks.iter().map(|(k, v)| format!("{k} ×{v}")).collect();
     line(
         "rank",
-        join(r.ranks.iter().map(|(k, v)| format!("{k} ×{v}")).collect()),
+        if ranks.is_empty() {
+            "- (full-rank factors)".into()
+        } else {
+            join(ranks)
+        },
     );
     line(
         "alpha",

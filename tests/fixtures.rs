@@ -621,3 +621,86 @@ fn dtype_cast() {
         assert_eq!(o.values(), want, "{k}");
     }
 }
+
+/// LyCORIS files made by lycoris-lora itself are detected and reported;
+/// they convert between the kohya-family schemes (renames only) and are
+/// refused, with a reason, where the target format cannot hold them.
+#[test]
+fn lycoris_and_dora_are_detected_and_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, algo, peft_refused) in [
+        ("loha", "loha", true),
+        ("lokr", "lokr", true),
+        ("dora", "dora+lora", true),
+    ] {
+        let src = fixture(&format!("sd1/{name}.safetensors"));
+        let v: serde_json::Value =
+            serde_json::from_str(&run_ok(&["inspect", "--json", "--arch", "sd1", p(&src)]))
+                .unwrap();
+        assert_eq!(v["algorithm"], algo, "{name}");
+        assert_eq!(v["coverage"][0]["found"], 192, "{name}");
+        assert_eq!(v["unknown_keys"].as_array().unwrap().len(), 0, "{name}");
+        // kohya → ldm → kohya keeps every tensor bit-exactly.
+        let ldm = dir.path().join(format!("{name}-ldm.safetensors"));
+        let back = dir.path().join(format!("{name}-back.safetensors"));
+        run_ok(&[
+            "convert",
+            "--arch",
+            "sd1",
+            p(&src),
+            "--to",
+            "ldm",
+            "-o",
+            p(&ldm),
+        ]);
+        run_ok(&[
+            "convert",
+            "--arch",
+            "sd1",
+            p(&ldm),
+            "--to",
+            "kohya",
+            "-o",
+            p(&back),
+        ]);
+        assert_eq!(load(&src).tensors, load(&back).tensors, "{name}");
+        let out = dir.path().join(format!("{name}-peft.safetensors"));
+        let o = spm()
+            .args([
+                "convert",
+                "--arch",
+                "sd1",
+                p(&src),
+                "--to",
+                "peft",
+                "-o",
+                p(&out),
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(!o.status.success(), peft_refused, "{name}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("module(s) carry") && err.contains("cannot hold"),
+            "{name}: {err}"
+        );
+        assert!(!out.exists());
+        // Merging and baking need plain LoRA factors.
+        let o = spm()
+            .args([
+                "merge",
+                "--arch",
+                "sd1",
+                p(&src),
+                p(&fixture("sd1/spm.safetensors")),
+                "-o",
+                p(&dir.path().join("m.safetensors")),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("plain LoRA"),
+            "{name}"
+        );
+    }
+}
