@@ -8,6 +8,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W=bench/work
+# Where outputs go: the disk by default; OUT=/dev/shm takes the disk out of
+# the measurement (tmpfs), leaving the tools' own cost.
+O=${OUT:-$W}
 N=${1:-3}
 PY=${PYTHON:-python3}
 SPM=target/release/spm
@@ -21,16 +24,16 @@ measure() {
   local name=$1
   shift
   for _ in $(seq "$N"); do
-    rm -rf "$W"/out*
+    rm -rf "$O"/out*
     sync
     /usr/bin/time -f "$name %e %M" bash -c "$* >/dev/null && sync" 2>> "$W/times.txt"
   done
 }
-measure copy "cp $BASE $W/out.safetensors"
-measure spm-bake "$SPM bake --base $W/sd15 $LORA -o $W/out"
-measure spm-bake-ldm "$SPM bake --base $W/sd15_ldm.safetensors $LORA -o $W/out.safetensors"
-measure torch "$PY bench/torch_bake.py $BASE $LORA $W/out.safetensors"
-rm -rf "$W"/out*
+measure copy "cp $BASE $O/out.safetensors"
+measure spm-bake "$SPM bake --base $W/sd15 $LORA -o $O/out"
+measure spm-bake-ldm "$SPM bake --base $W/sd15_ldm.safetensors $LORA -o $O/out.safetensors"
+measure torch "$PY bench/torch_bake.py $BASE $LORA $O/out.safetensors"
+rm -rf "$O"/out*
 # name, median seconds, median peak RSS (MB), ratio to copy
 awk '{t[$1]=t[$1]" "$2; m[$1]=m[$1]" "$3} END {for (k in t) print k, t[k], "|", m[k]}' "$W/times.txt" |
   "$PY" -c '
