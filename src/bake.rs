@@ -86,9 +86,17 @@ fn candidates(spec: &ModuleSpec, te_prefix: &str, ldm: bool) -> Vec<(String, Opt
 
 /// Bake into `out`; `base` is a single-file `.safetensors` checkpoint or a
 /// diffusers folder (`unet/`, `text_encoder/`, `text_encoder_2/`).
-pub fn bake(base: &Path, inputs: &[Input], out: &Path, progress: bool) -> Result<BakeReport> {
+/// With `strict`, an adapter module that finds no weight is an error and
+/// nothing is written.
+pub fn bake(
+    base: &Path,
+    inputs: &[Input],
+    out: &Path,
+    progress: bool,
+    strict: bool,
+) -> Result<BakeReport> {
     if base.is_dir() {
-        bake_diffusers(base, inputs, out, progress)
+        bake_diffusers(base, inputs, out, progress, strict)
     } else {
         let ext = base.extension().and_then(|e| e.to_str()).unwrap_or("");
         if ext != "safetensors" {
@@ -113,14 +121,20 @@ pub fn bake(base: &Path, inputs: &[Input], out: &Path, progress: bool) -> Result
             &mut report,
             progress,
         )?;
-        file.commit()?;
         report.files = 1;
-        finish(inputs, &hit, &mut report);
+        finish(base, inputs, &hit, &mut report, strict)?;
+        file.commit()?;
         Ok(report)
     }
 }
 
-fn finish(inputs: &[Input], hit: &[Vec<bool>], report: &mut BakeReport) {
+fn finish(
+    base: &Path,
+    inputs: &[Input],
+    hit: &[Vec<bool>],
+    report: &mut BakeReport,
+    strict: bool,
+) -> Result<()> {
     for (input, hits) in inputs.iter().zip(hit) {
         let inv = input.adapter.inventory();
         for (m, h) in input.adapter.modules.iter().zip(hits) {
@@ -135,9 +149,37 @@ fn finish(inputs: &[Input], hit: &[Vec<bool>], report: &mut BakeReport) {
             }
         }
     }
+    if strict && !report.unmatched.is_empty() {
+        let shown: Vec<&str> = report
+            .unmatched
+            .iter()
+            .take(10)
+            .map(String::as_str)
+            .collect();
+        return Err(Error::file(
+            base,
+            format!(
+                "--strict: {} adapter module(s) found no weight here: {}{}",
+                report.unmatched.len(),
+                shown.join(", "),
+                if report.unmatched.len() > 10 {
+                    ", …"
+                } else {
+                    ""
+                }
+            ),
+        ));
+    }
+    Ok(())
 }
 
-fn bake_diffusers(base: &Path, inputs: &[Input], out: &Path, progress: bool) -> Result<BakeReport> {
+fn bake_diffusers(
+    base: &Path,
+    inputs: &[Input],
+    out: &Path,
+    progress: bool,
+    strict: bool,
+) -> Result<BakeReport> {
     let mut report = BakeReport {
         output: out.to_path_buf(),
         layout: "diffusers folder".into(),
@@ -187,8 +229,8 @@ fn bake_diffusers(base: &Path, inputs: &[Input], out: &Path, progress: bool) -> 
             }
         }
     }
+    finish(base, inputs, &hit, &mut report, strict)?;
     dir.commit()?;
-    finish(inputs, &hit, &mut report);
     Ok(report)
 }
 

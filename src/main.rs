@@ -444,16 +444,7 @@ fn run(cmd: Command) -> Result<()> {
                 })
                 .collect();
             let progress = !json && std::io::IsTerminal::is_terminal(&std::io::stderr());
-            let report: BakeReport = bake::bake(&base, &ins, &output, progress)?;
-            if strict && !report.unmatched.is_empty() {
-                let _ = std::fs::remove_file(&output).or_else(|_| std::fs::remove_dir_all(&output));
-                return Err(Error::usage(format!(
-                    "{} adapter module(s) found no weight in {}: {}",
-                    report.unmatched.len(),
-                    base.display(),
-                    report.unmatched.join(", ")
-                )));
-            }
+            let report: BakeReport = bake::bake(&base, &ins, &output, progress, strict)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report).expect("json"));
             } else {

@@ -704,3 +704,108 @@ fn lycoris_and_dora_are_detected_and_reported() {
         );
     }
 }
+
+/// Modules with no weight in the checkpoint are listed; --strict refuses
+/// and writes nothing.
+#[test]
+fn bake_reports_unmatched_modules() {
+    let dir = tempfile::tempdir().unwrap();
+    // A base with a UNet but no text encoder.
+    let base = dir.path().join("unet-only");
+    std::fs::create_dir_all(base.join("unet")).unwrap();
+    for f in ["config.json", "diffusion_pytorch_model.safetensors"] {
+        std::fs::copy(
+            fixture(&format!("sd1/base/unet/{f}")),
+            base.join("unet").join(f),
+        )
+        .unwrap();
+    }
+    let lora = fixture("sd1/kohya_te.safetensors");
+    let out = dir.path().join("baked");
+    let r: serde_json::Value = serde_json::from_str(&run_ok(&[
+        "bake",
+        "--json",
+        "--base",
+        p(&base),
+        p(&lora),
+        "-o",
+        p(&out),
+    ]))
+    .unwrap();
+    let unmatched: Vec<&str> = r["unmatched"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(unmatched.len(), 12);
+    assert!(
+        unmatched
+            .iter()
+            .all(|u| u.contains("lora_te_text_model_encoder_layers_")),
+        "{unmatched:?}"
+    );
+    assert_eq!(r["modules_applied"], 192);
+    let strict_out = dir.path().join("strict");
+    let o = spm()
+        .args([
+            "bake",
+            "--strict",
+            "--base",
+            p(&base),
+            p(&lora),
+            "-o",
+            p(&strict_out),
+        ])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("12 adapter module(s) found no weight"));
+    assert!(!strict_out.exists());
+}
+
+/// SD1 projections stored as 2-D factors (some converters do this) are
+/// reshaped to the 1×1-conv layout PEFT needs; the bytes do not change.
+#[test]
+fn two_d_projections_become_conv_factors() {
+    let src = load(&fixture("sd1/spm.safetensors"));
+    let mut flat: Vec<(String, T)> = Vec::new();
+    for (k, t) in &src.tensors {
+        let mut t = t.clone();
+        if (k.contains("proj_in") || k.contains("proj_out")) && t.shape.len() == 4 {
+            t.shape.truncate(2);
+        }
+        flat.push((k.clone(), t));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("flat.safetensors");
+    let views: Vec<(String, safetensors::tensor::TensorView)> = flat
+        .iter()
+        .map(|(k, t)| {
+            (
+                k.clone(),
+                safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &t.bytes).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, Some(src.metadata.clone()), &f).unwrap();
+    let out = dir.path().join("peft.safetensors");
+    run_ok(&[
+        "convert",
+        "--arch",
+        "sd1",
+        p(&f),
+        "--to",
+        "peft",
+        "-o",
+        p(&out),
+    ]);
+    let o = load(&out);
+    let a = &o.tensors["unet.down_blocks.0.attentions.0.proj_in.lora_A.weight"];
+    let b = &o.tensors["unet.down_blocks.0.attentions.0.proj_in.lora_B.weight"];
+    let orig_down = &src.tensors["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"];
+    assert_eq!(a.shape, orig_down.shape);
+    assert_eq!(a.shape.len(), 4);
+    assert_eq!(b.shape[2..], [1, 1]);
+    assert_eq!(a.bytes, orig_down.bytes);
+}

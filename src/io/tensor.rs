@@ -224,3 +224,38 @@ impl RawTensor {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Alphas come as F16, BF16, F32, F64, I64 or I32, 0-d or 1-element
+    /// (lora-schemes §1.5). Bytes are built by hand from the IEEE/two's
+    /// complement encodings, not by this module.
+    #[test]
+    fn alpha_scalars_of_every_dtype() {
+        let cases: [(Dtype, Vec<usize>, Vec<u8>, f64); 7] = [
+            (Dtype::F16, vec![], vec![0x00, 0x40], 2.0), // 0x4000 = 2.0
+            (Dtype::BF16, vec![], vec![0x80, 0x3f], 1.0), // 0x3f80 = 1.0
+            (Dtype::F32, vec![1], 16f32.to_le_bytes().to_vec(), 16.0),
+            (Dtype::F64, vec![], 0.1f64.to_le_bytes().to_vec(), 0.1),
+            (Dtype::I64, vec![], 128i64.to_le_bytes().to_vec(), 128.0),
+            (Dtype::I32, vec![1], 8i32.to_le_bytes().to_vec(), 8.0),
+            (Dtype::F16, vec![1, 1], vec![0x00, 0x38], 0.5), // 0x3800 = 0.5
+        ];
+        for (dtype, shape, bytes, want) in cases {
+            let t = RawTensor::from_bytes(dtype, shape.clone(), bytes);
+            assert_eq!(t.scalar_value(), Some(want), "{dtype:?} {shape:?}");
+            // Re-encoding the value in its own dtype gives the same bytes.
+            if shape.is_empty() {
+                assert_eq!(
+                    RawTensor::scalar(dtype, want).bytes(),
+                    t.bytes(),
+                    "{dtype:?}"
+                );
+            }
+        }
+        let two = RawTensor::from_bytes(Dtype::F32, vec![2], vec![0; 8]);
+        assert_eq!(two.scalar_value(), None);
+    }
+}
