@@ -539,29 +539,10 @@ fn apply(
 /// (per-element conversion was the bake's bottleneck).
 fn decode(dtype: crate::io::tensor::Dtype, bytes: &[u8]) -> Vec<f32> {
     use crate::io::tensor::Dtype;
-    use half::slice::HalfFloatSliceExt;
     let mut out = vec![0f32; bytes.len() / if dtype == Dtype::F32 { 4 } else { 2 }];
     match dtype {
-        Dtype::F16 => match bytemuck::try_cast_slice::<u8, half::f16>(bytes) {
-            Ok(h) => h.convert_to_f32_slice(&mut out),
-            Err(_) => {
-                let h: Vec<half::f16> = bytes
-                    .chunks_exact(2)
-                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]))
-                    .collect();
-                h.convert_to_f32_slice(&mut out)
-            }
-        },
-        Dtype::BF16 => match bytemuck::try_cast_slice::<u8, half::bf16>(bytes) {
-            Ok(h) => h.convert_to_f32_slice(&mut out),
-            Err(_) => {
-                let h: Vec<half::bf16> = bytes
-                    .chunks_exact(2)
-                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]))
-                    .collect();
-                h.convert_to_f32_slice(&mut out)
-            }
-        },
+        Dtype::F16 => decode_half(bytes, &mut out, half::f16::from_le_bytes),
+        Dtype::BF16 => decode_half(bytes, &mut out, half::bf16::from_le_bytes),
         _ => {
             for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
                 *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
@@ -574,27 +555,55 @@ fn decode(dtype: crate::io::tensor::Dtype, bytes: &[u8]) -> Vec<f32> {
 /// Encode f32 back into the weight's dtype, in place (round to nearest even).
 fn encode(dtype: crate::io::tensor::Dtype, vals: &[f32], bytes: &mut [u8]) {
     use crate::io::tensor::Dtype;
-    use half::slice::HalfFloatSliceExt;
     match dtype {
-        Dtype::F16 => match bytemuck::try_cast_slice_mut::<u8, half::f16>(bytes) {
-            Ok(h) => h.convert_from_f32_slice(vals),
-            Err(_) => {
-                for (c, v) in bytes.chunks_exact_mut(2).zip(vals) {
-                    c.copy_from_slice(&half::f16::from_f32(*v).to_le_bytes());
-                }
-            }
-        },
-        Dtype::BF16 => match bytemuck::try_cast_slice_mut::<u8, half::bf16>(bytes) {
-            Ok(h) => h.convert_from_f32_slice(vals),
-            Err(_) => {
-                for (c, v) in bytes.chunks_exact_mut(2).zip(vals) {
-                    c.copy_from_slice(&half::bf16::from_f32(*v).to_le_bytes());
-                }
-            }
-        },
+        Dtype::F16 => {
+            encode_half::<half::f16>(vals, bytes, |v| half::f16::from_f32(v).to_le_bytes())
+        }
+        Dtype::BF16 => {
+            encode_half::<half::bf16>(vals, bytes, |v| half::bf16::from_f32(v).to_le_bytes())
+        }
         _ => {
             for (c, v) in bytes.chunks_exact_mut(4).zip(vals) {
                 c.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+    }
+}
+
+// The bytes are reinterpreted in place where alignment allows; safetensors
+// is little-endian, as is every platform spm builds for.
+#[cfg(not(target_endian = "little"))]
+compile_error!("bake reinterprets little-endian weight bytes in place");
+
+fn decode_half<T>(bytes: &[u8], out: &mut [f32], from_le: fn([u8; 2]) -> T)
+where
+    T: bytemuck::Pod,
+    [T]: half::slice::HalfFloatSliceExt,
+{
+    use half::slice::HalfFloatSliceExt;
+    match bytemuck::try_cast_slice::<u8, T>(bytes) {
+        Ok(h) => h.convert_to_f32_slice(out),
+        Err(_) => {
+            let h: Vec<T> = bytes
+                .chunks_exact(2)
+                .map(|c| from_le([c[0], c[1]]))
+                .collect();
+            h.convert_to_f32_slice(out)
+        }
+    }
+}
+
+fn encode_half<T>(vals: &[f32], bytes: &mut [u8], to_le: fn(f32) -> [u8; 2])
+where
+    T: bytemuck::Pod,
+    [T]: half::slice::HalfFloatSliceExt,
+{
+    use half::slice::HalfFloatSliceExt;
+    match bytemuck::try_cast_slice_mut::<u8, T>(bytes) {
+        Ok(h) => h.convert_from_f32_slice(vals),
+        Err(_) => {
+            for (c, v) in bytes.chunks_exact_mut(2).zip(vals) {
+                c.copy_from_slice(&to_le(*v));
             }
         }
     }
@@ -607,4 +616,47 @@ fn preallocate(file: &File, len: u64) {
     use std::os::unix::io::AsRawFd;
     // SAFETY: plain syscall on a valid, open file descriptor.
     let _ = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len as libc::off_t) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::tensor::Dtype;
+
+    /// f16/bf16 → f32 → f16/bf16 is exact for every finite value, through
+    /// both the in-place (aligned) and the copying (unaligned) paths, and
+    /// agrees with `half`'s scalar conversion.
+    #[test]
+    fn half_codecs_round_trip_aligned_and_unaligned() {
+        for dtype in [Dtype::F16, Dtype::BF16] {
+            let mut raw: Vec<u8> = Vec::new();
+            for bits in (0u16..=u16::MAX).step_by(7) {
+                let finite = match dtype {
+                    Dtype::F16 => half::f16::from_bits(bits).is_finite(),
+                    _ => half::bf16::from_bits(bits).is_finite(),
+                };
+                if finite {
+                    raw.extend_from_slice(&bits.to_le_bytes());
+                }
+            }
+            let mut shifted = vec![0u8; raw.len() + 1];
+            shifted[1..].copy_from_slice(&raw);
+            for bytes in [&raw[..], &shifted[1..]] {
+                let vals = decode(dtype, bytes);
+                for (v, c) in vals.iter().zip(bytes.chunks_exact(2)) {
+                    let want = match dtype {
+                        Dtype::F16 => half::f16::from_le_bytes([c[0], c[1]]).to_f32(),
+                        _ => half::bf16::from_le_bytes([c[0], c[1]]).to_f32(),
+                    };
+                    assert_eq!(v.to_bits(), want.to_bits());
+                }
+                let mut back = vec![0u8; bytes.len() + 1];
+                encode(dtype, &vals, &mut back[1..]);
+                assert_eq!(&back[1..], bytes, "{dtype:?} unaligned");
+                let mut aligned = vec![0u8; bytes.len()];
+                encode(dtype, &vals, &mut aligned);
+                assert_eq!(aligned, bytes, "{dtype:?} aligned");
+            }
+        }
+    }
 }
