@@ -12,6 +12,22 @@
 //!   every naming scheme.
 //! - [`adapter`]: a file resolved into modules of an architecture.
 //! - [`inspect`], [`convert`], [`merge`], [`bake`]: the commands' logic.
+//!
+//! Loading a membrane and checking it covers every transformer layer:
+//!
+//! ```
+//! use std::path::Path;
+//! use spm::adapter::Adapter;
+//! use spm::schemes::{Arch, Class, Component, Scheme};
+//!
+//! let spm = Adapter::load(Path::new("fixtures/data/sd1/spm.safetensors"), None)?;
+//! assert_eq!(spm.arch, Arch::Sd1);
+//! assert_eq!(spm.scheme, Some(Scheme::Spm));
+//! assert_eq!(spm.concepts(), ["pikachu"]);
+//! let expected = spm.inventory().count(Component::Unet, Class::Transformer);
+//! assert_eq!((spm.modules.len(), expected), (192, 192));
+//! # Ok::<(), spm::Error>(())
+//! ```
 
 pub mod adapter;
 pub mod bake;
