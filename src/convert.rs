@@ -17,7 +17,9 @@ use crate::schemes::keys::old_diffusers_key;
 use crate::schemes::{inventory, Arch, Class, Component, Inventory, Kind, Scheme};
 
 /// How a static strength is baked into the factors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Curve {
     /// SPM's reference: both factors are multiplied by m, so ΔW scales by m².

@@ -37,5 +37,7 @@ pub mod inspect;
 pub mod io;
 pub mod merge;
 pub mod schemes;
+pub mod serve;
+pub mod transport;
 
 pub use error::{Error, Result};

@@ -19,6 +19,10 @@ use spm::io::safetensors::write_tensors;
 use spm::io::tensor::{Dtype, RawTensor};
 use spm::merge;
 use spm::schemes::{Arch, Scheme};
+use spm::serve::{self as daemon, ServeConfig};
+use spm::transport::clip::{Activation, LoadOptions};
+use spm::transport::gate::{GateOptions, Membrane, Metric};
+use spm::transport::{build_engine, EngineSpec};
 
 /// Concept Semi-Permeable Membranes (SPM) for Stable Diffusion.
 ///
@@ -210,6 +214,144 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Compute Facilitated Transport gates for prompts, once.
+    ///
+    /// For each membrane and prompt: the rate m = max over the membrane's
+    /// concepts of the metric (clipcos: cosine of the CLIP hidden states;
+    /// tokenuni: share of the concept's tokens in the prompt;
+    /// clipcos_tokenuni: their max, SPM's default), and the strength to apply
+    /// (m² by default, as SPM's code applies it; --curve linear for m).
+    /// WebUI syntax is understood: <lora:…> tags and (weights:1.2) are
+    /// removed, AND splits sub-prompts (a gate is their max).
+    ///
+    /// Without --text-encoder only tokenuni can be computed, and spm says so:
+    /// that is the no-download default.
+    #[command(verbatim_doc_comment)]
+    Gate {
+        /// Prompts to gate.
+        #[arg(required = true)]
+        prompts: Vec<String>,
+        /// A membrane file (SPM or kohya-converted, with `prompts` metadata);
+        /// repeat the flag for several.
+        #[arg(long = "membrane", required = true)]
+        membranes: Vec<PathBuf>,
+        #[command(flatten)]
+        encoder: EncoderArgs,
+        #[command(flatten)]
+        gate: GateArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the local FT sidecar: an HTTP daemon the WebUI extension asks for gates.
+    ///
+    /// Binds to 127.0.0.1 by default. Endpoints: GET /healthz,
+    /// GET /v1/membranes, POST /v1/gate {"prompts":[…], "membranes"?:[…],
+    /// "metric"?, "curve"?, "facilitate"?}, POST /v1/reload. Every error is
+    /// JSON with a 4xx/5xx status. Stops cleanly on Ctrl-C / SIGTERM.
+    #[command(verbatim_doc_comment)]
+    Serve {
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// Port; 0 picks a free one (the address is printed when ready).
+        #[arg(long, default_value_t = 7862)]
+        port: u16,
+        /// Folder of membrane files; rescanned by POST /v1/reload.
+        #[arg(long)]
+        membranes: Option<PathBuf>,
+        #[command(flatten)]
+        encoder: EncoderArgs,
+        #[command(flatten)]
+        gate: GateArgs,
+        /// Require `Authorization: Bearer TOKEN` on /v1/* (also from SPM_TOKEN).
+        #[arg(long, env = "SPM_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Largest request body accepted.
+        #[arg(long, default_value_t = 65536)]
+        max_body_bytes: usize,
+        /// Most prompts in one /v1/gate request.
+        #[arg(long, default_value_t = 64)]
+        max_prompts: usize,
+        /// Time limit of one request's gate computation.
+        #[arg(long, default_value_t = 10_000)]
+        timeout_ms: u64,
+        /// Gate computations running at once (others wait up to the timeout).
+        #[arg(long, default_value_t = 2)]
+        concurrency: usize,
+    },
+}
+
+#[derive(clap::Args)]
+struct EncoderArgs {
+    /// CLIP text encoder: a diffusers pipeline root or text_encoder/ folder,
+    /// or an SD1/SD2 single-file .safetensors checkpoint.
+    #[arg(long)]
+    text_encoder: Option<PathBuf>,
+    /// Tokenizer pad id (default: from the model; 49407 SD1, 0 SD2).
+    #[arg(long)]
+    pad_id: Option<u32>,
+    /// Single-file checkpoints: attention heads (default hidden/64).
+    #[arg(long)]
+    heads: Option<usize>,
+    /// Override the MLP activation.
+    #[arg(long, value_enum)]
+    activation: Option<ActivationArg>,
+    /// OpenCLIP (SD2) single files: residual blocks to run (default all but
+    /// the last, SD2's penultimate-layer conditioning).
+    #[arg(long)]
+    openclip_layers: Option<usize>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ActivationArg {
+    QuickGelu,
+    Gelu,
+    GeluNew,
+}
+
+impl EncoderArgs {
+    fn spec(&self) -> EngineSpec {
+        EngineSpec {
+            text_encoder: self.text_encoder.clone(),
+            pad_id: self.pad_id,
+            load: LoadOptions {
+                heads: self.heads,
+                activation: self.activation.map(|a| match a {
+                    ActivationArg::QuickGelu => Activation::QuickGelu,
+                    ActivationArg::Gelu => Activation::Gelu,
+                    ActivationArg::GeluNew => Activation::GeluNew,
+                }),
+                openclip_layers: self.openclip_layers,
+            },
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct GateArgs {
+    /// Score of a concept (default clipcos_tokenuni; tokenuni without an encoder).
+    #[arg(long, value_enum)]
+    metric: Option<Metric>,
+    /// Strength from rate: reference (m², SPM's code) or linear (m).
+    #[arg(long, value_enum, default_value = "reference")]
+    curve: Curve,
+    /// Multiply every rate by this factor (SPM's --facilitate_factor).
+    #[arg(long, default_value_t = 1.0)]
+    facilitate: f64,
+}
+
+impl GateArgs {
+    fn options(&self, has_encoder: bool) -> GateOptions {
+        let metric = self.metric.unwrap_or(if has_encoder {
+            Metric::ClipcosTokenuni
+        } else {
+            Metric::Tokenuni
+        });
+        GateOptions {
+            metric,
+            curve: self.curve,
+            facilitate: self.facilitate,
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -466,6 +608,93 @@ fn run(cmd: Command) -> Result<()> {
                 }
             }
             Ok(())
+        }
+        Command::Gate {
+            prompts,
+            membranes,
+            encoder,
+            gate,
+            json,
+        } => {
+            let (mut engine, info) = build_engine(&encoder.spec())?;
+            if info.is_none() {
+                eprintln!("note: no --text-encoder: computing tokenuni only (clipcos needs a CLIP text encoder)");
+            }
+            let opts = gate.options(info.is_some());
+            let list = membranes
+                .iter()
+                .map(|p| Membrane::from_file(p))
+                .collect::<Result<Vec<_>>>()?;
+            engine.set_membranes(list)?;
+            let mut results = Vec::new();
+            for p in &prompts {
+                let gates = engine.gate(p, None, &opts)?;
+                results.push((p.clone(), gates));
+            }
+            if json {
+                let v: Vec<_> = results
+                    .iter()
+                    .map(|(p, g)| json!({"prompt": p, "gates": g.iter().cloned().collect::<std::collections::BTreeMap<_, _>>()}))
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&json!({"metric": opts.metric, "curve": opts.curve, "encoder": info, "results": v}))
+                        .expect("json")
+                );
+            } else {
+                for (p, gates) in &results {
+                    println!("{p}");
+                    for (name, g) in gates {
+                        let cos = g.clipcos.map_or("-".to_string(), |c| format!("{c:.4}"));
+                        println!(
+                            "  {name:<24} rate {:.4}  strength {:.4}  clipcos {cos}  tokenuni {:.4}",
+                            g.rate, g.strength, g.tokenuni
+                        );
+                    }
+                }
+            }
+            Ok(())
+        }
+        Command::Serve {
+            host,
+            port,
+            membranes,
+            encoder,
+            gate,
+            token,
+            max_body_bytes,
+            max_prompts,
+            timeout_ms,
+            concurrency,
+        } => {
+            let ip: std::net::IpAddr = host
+                .parse()
+                .map_err(|_| Error::usage(format!("--host {host}: not an IP address")))?;
+            let (mut engine, info) = build_engine(&encoder.spec())?;
+            let (good, bad) = match &membranes {
+                Some(dir) => daemon::scan_membranes(dir),
+                None => (Vec::new(), Vec::new()),
+            };
+            engine.set_membranes(good)?;
+            let n = engine.membranes().count();
+            let cfg = ServeConfig {
+                addr: std::net::SocketAddr::new(ip, port),
+                membranes_dir: membranes,
+                token,
+                max_body_bytes,
+                max_prompts,
+                timeout: std::time::Duration::from_millis(timeout_ms),
+                concurrency,
+                defaults: gate.options(info.is_some()),
+            };
+            let enc = info
+                .as_ref()
+                .map_or("none (tokenuni only)".to_string(), |i| i.layout.clone());
+            let skipped = bad.len();
+            daemon::run(engine, bad, info, cfg, |addr| {
+                println!("spm serve: listening on http://{addr} ({n} membranes, {skipped} skipped, encoder: {enc})");
+                let _ = std::io::Write::flush(&mut std::io::stdout());
+            })
         }
     }
 }

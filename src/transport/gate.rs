@@ -1,0 +1,331 @@
+//! Facilitated Transport gates, as SPM's reference computes them
+//! (spm-reference.md §3.2):
+//!
+//! - `clipcos` = cosine of the *flattened* 77×D `last_hidden_state` of the
+//!   prompt and of the concept (every position, BOS and padding included);
+//! - `tokenuni` = |P ∩ T| / |T|, P and T the sets of ids of the padded
+//!   prompt and concept rows minus the special ids (BOS, EOS, pad);
+//! - a concept's score under the metric (`clipcos`, `tokenuni`, their max
+//!   `clipcos_tokenuni` — the default — or `allone`, a constant 1);
+//! - a membrane's **rate** m = facilitate · max over its concepts;
+//! - its **strength** = m² by default, because the reference multiplies both
+//!   LoRA factors by m (quirk 3.4.1); `Curve::Linear` gives m.
+//!
+//! There is no threshold, sigmoid or temperature, as in the reference.
+//! Concept encodings are computed once per membrane; prompt encodings are
+//! cached (LRU), so a repeated prompt costs two hash look-ups.
+
+use std::collections::HashSet;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+
+use super::clip::{cosine, ClipTextModel};
+use super::prompt::normalize;
+use super::tokenizer::ClipTokenizer;
+use crate::adapter::Adapter;
+use crate::convert::Curve;
+use crate::error::{Error, Result};
+
+/// CLIP's begin/end-of-text ids.
+pub const BOS: u32 = 49406;
+pub const EOS: u32 = 49407;
+/// Padded sequence length of every SD text encoder.
+pub const MAX_LEN: usize = 77;
+
+/// How a concept's score is formed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
+pub enum Metric {
+    Clipcos,
+    Tokenuni,
+    /// max(clipcos, tokenuni): the reference default.
+    ClipcosTokenuni,
+    /// Always 1: no FT (the membrane at full strength).
+    Allone,
+}
+
+impl Metric {
+    pub fn needs_encoder(self) -> bool {
+        matches!(self, Metric::Clipcos | Metric::ClipcosTokenuni)
+    }
+}
+
+/// Options of one gate computation.
+#[derive(Debug, Clone, Copy)]
+pub struct GateOptions {
+    pub metric: Metric,
+    pub curve: Curve,
+    /// Multiplies the rate before the curve (`--facilitate_factor`).
+    pub facilitate: f64,
+}
+
+impl Default for GateOptions {
+    fn default() -> Self {
+        GateOptions {
+            metric: Metric::ClipcosTokenuni,
+            curve: Curve::Reference,
+            facilitate: 1.0,
+        }
+    }
+}
+
+/// A membrane as the gate engine knows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Membrane {
+    pub name: String,
+    pub file: PathBuf,
+    pub concepts: Vec<String>,
+    pub rank: Option<usize>,
+    pub arch: String,
+}
+
+impl Membrane {
+    /// Read a membrane's concepts (metadata `prompts`, also kept by
+    /// `spm convert --to kohya`) and facts from its file.
+    pub fn from_file(path: &Path) -> Result<Membrane> {
+        let ad = Adapter::load(path, None)?;
+        let concepts = ad.concepts();
+        if concepts.is_empty() {
+            return Err(Error::file(
+                path,
+                "no concepts: metadata `prompts` is missing or empty",
+            ));
+        }
+        Ok(Membrane {
+            name: path
+                .file_stem()
+                .map(|s| s.to_string_lossy().to_string())
+                .unwrap_or_default(),
+            file: path.to_path_buf(),
+            concepts,
+            rank: ad.common_rank_alpha().0,
+            arch: ad.arch.name().into(),
+        })
+    }
+}
+
+/// A membrane's gate for one prompt.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct Gate {
+    pub rate: f64,
+    pub strength: f64,
+    /// Highest cosine over the concepts (None without a text encoder).
+    pub clipcos: Option<f64>,
+    /// Highest token recall over the concepts.
+    pub tokenuni: f64,
+}
+
+/// One text, encoded: its id set without special ids, and its flattened
+/// hidden state when an encoder is loaded.
+struct Encoded {
+    tokens: HashSet<u32>,
+    embedding: Option<Vec<f32>>,
+}
+
+struct Prepared {
+    membrane: Membrane,
+    concepts: Vec<Encoded>,
+}
+
+/// Computes gates; shareable between threads.
+pub struct Engine {
+    tokenizer: Arc<ClipTokenizer>,
+    encoder: Option<Arc<ClipTextModel>>,
+    pad_id: u32,
+    membranes: Vec<Prepared>,
+    cache: Mutex<lru::LruCache<String, Arc<Encoded>>>,
+}
+
+impl Engine {
+    /// `pad_id`: 49407 (EOS) for SD1's tokenizer, 0 ("!") for SD2's.
+    pub fn new(tokenizer: ClipTokenizer, encoder: Option<ClipTextModel>, pad_id: u32) -> Engine {
+        Engine {
+            tokenizer: Arc::new(tokenizer),
+            encoder: encoder.map(Arc::new),
+            pad_id,
+            membranes: Vec::new(),
+            cache: Mutex::new(lru::LruCache::new(
+                NonZeroUsize::new(4096).expect("non-zero"),
+            )),
+        }
+    }
+
+    /// An engine with the same tokenizer and encoder and no membranes, to
+    /// prepare a new membrane set while this one keeps serving.
+    pub fn sibling(&self) -> Engine {
+        Engine {
+            tokenizer: self.tokenizer.clone(),
+            encoder: self.encoder.clone(),
+            pad_id: self.pad_id,
+            membranes: Vec::new(),
+            cache: Mutex::new(lru::LruCache::new(
+                NonZeroUsize::new(4096).expect("non-zero"),
+            )),
+        }
+    }
+
+    pub fn has_encoder(&self) -> bool {
+        self.encoder.is_some()
+    }
+
+    pub fn pad_id(&self) -> u32 {
+        self.pad_id
+    }
+
+    pub fn membranes(&self) -> impl Iterator<Item = &Membrane> {
+        self.membranes.iter().map(|p| &p.membrane)
+    }
+
+    /// Replace the membrane set, encoding every concept once (one batch).
+    pub fn set_membranes(&mut self, membranes: Vec<Membrane>) -> Result<()> {
+        let texts: Vec<&str> = membranes
+            .iter()
+            .flat_map(|m| m.concepts.iter().map(String::as_str))
+            .collect();
+        let mut encoded = self.encode_batch(&texts)?.into_iter();
+        self.membranes = membranes
+            .into_iter()
+            .map(|m| {
+                let concepts = (0..m.concepts.len())
+                    .map(|_| encoded.next().expect("one per concept"))
+                    .collect();
+                Prepared {
+                    membrane: m,
+                    concepts,
+                }
+            })
+            .collect();
+        Ok(())
+    }
+
+    fn ids(&self, text: &str) -> Vec<u32> {
+        self.tokenizer.encode_padded(text, MAX_LEN, self.pad_id)
+    }
+
+    fn token_set(&self, ids: &[u32]) -> HashSet<u32> {
+        ids.iter()
+            .copied()
+            .filter(|i| *i != BOS && *i != EOS && *i != self.pad_id)
+            .collect()
+    }
+
+    fn encode_batch(&self, texts: &[&str]) -> Result<Vec<Encoded>> {
+        let rows: Vec<Vec<u32>> = texts.iter().map(|t| self.ids(t)).collect();
+        let embeddings = match &self.encoder {
+            Some(enc) if !rows.is_empty() => enc.embed(&rows)?.into_iter().map(Some).collect(),
+            _ => vec![None; rows.len()],
+        };
+        Ok(rows
+            .iter()
+            .zip(embeddings)
+            .map(|(r, embedding)| Encoded {
+                tokens: self.token_set(r),
+                embedding,
+            })
+            .collect())
+    }
+
+    fn encode_cached(&self, text: &str) -> Result<Arc<Encoded>> {
+        if let Some(e) = self.cache.lock().expect("cache lock").get(text) {
+            return Ok(e.clone());
+        }
+        let e = Arc::new(self.encode_batch(&[text])?.pop().expect("one row"));
+        self.cache
+            .lock()
+            .expect("cache lock")
+            .put(text.to_string(), e.clone());
+        Ok(e)
+    }
+
+    /// Gates of the named membranes (all when `names` is None) for one
+    /// WebUI prompt. `AND` sub-prompts are gated separately; each membrane
+    /// keeps its highest rate.
+    pub fn gate(
+        &self,
+        prompt: &str,
+        names: Option<&[String]>,
+        opts: &GateOptions,
+    ) -> Result<Vec<(String, Gate)>> {
+        if opts.metric.needs_encoder() && self.encoder.is_none() {
+            return Err(Error::usage(format!(
+                "metric {:?} needs a text encoder (--text-encoder); only tokenuni and allone work without one",
+                opts.metric
+            )));
+        }
+        let selected: Vec<&Prepared> = match names {
+            None => self.membranes.iter().collect(),
+            Some(names) => names
+                .iter()
+                .map(|n| {
+                    self.membranes
+                        .iter()
+                        .find(|p| &p.membrane.name == n)
+                        .ok_or_else(|| Error::usage(format!("unknown membrane `{n}`")))
+                })
+                .collect::<Result<_>>()?,
+        };
+        let parts = normalize(prompt);
+        let encoded = parts
+            .iter()
+            .map(|p| self.encode_cached(p))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(selected
+            .into_iter()
+            .map(|p| {
+                let best = encoded
+                    .iter()
+                    .map(|e| membrane_gate(p, e, opts))
+                    .max_by(|a, b| a.rate.total_cmp(&b.rate))
+                    .expect("at least one sub-prompt");
+                (p.membrane.name.clone(), best)
+            })
+            .collect())
+    }
+}
+
+fn membrane_gate(p: &Prepared, prompt: &Encoded, opts: &GateOptions) -> Gate {
+    let mut best_score = f64::NEG_INFINITY;
+    let mut best_cos: Option<f64> = None;
+    let mut best_tok = 0f64;
+    for c in &p.concepts {
+        let cos = match (&prompt.embedding, &c.embedding) {
+            (Some(a), Some(b)) => Some(cosine(a, b)),
+            _ => None,
+        };
+        // The reference divides by |T| unguarded; an empty target (a concept
+        // of only special tokens) scores 0 here instead of NaN.
+        let tok = if c.tokens.is_empty() {
+            0.0
+        } else {
+            c.tokens.intersection(&prompt.tokens).count() as f64 / c.tokens.len() as f64
+        };
+        let score = match opts.metric {
+            Metric::Clipcos => cos.unwrap_or(0.0),
+            Metric::Tokenuni => tok,
+            Metric::ClipcosTokenuni => cos.unwrap_or(0.0).max(tok),
+            Metric::Allone => 1.0,
+        };
+        best_score = best_score.max(score);
+        best_cos = match (best_cos, cos) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        best_tok = best_tok.max(tok);
+    }
+    // No clamping: a negative cosine stays negative, as in the reference.
+    let rate = opts.facilitate * best_score;
+    let strength = match opts.curve {
+        Curve::Reference => rate * rate,
+        Curve::Linear => rate,
+    };
+    Gate {
+        rate,
+        strength,
+        clipcos: best_cos,
+        tokenuni: best_tok,
+    }
+}

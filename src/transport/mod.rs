@@ -1,0 +1,77 @@
+//! Facilitated Transport (FT): per-prompt gates for membranes, computed as
+//! SPM's reference does (spm-reference.md §3), from a CLIP text encoder run
+//! in candle.
+pub mod clip;
+pub mod gate;
+pub mod prompt;
+pub mod tokenizer;
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use clip::{EncoderInfo, LoadOptions};
+use gate::{Engine, EOS};
+use tokenizer::ClipTokenizer;
+
+/// How to build a gate engine.
+#[derive(Debug, Clone, Default)]
+pub struct EngineSpec {
+    /// A diffusers pipeline root or `text_encoder/` folder, or an SD1/SD2
+    /// single-file checkpoint. None: no encoder (tokenuni only).
+    pub text_encoder: Option<PathBuf>,
+    /// Override the tokenizer's pad id (49407 for SD1, 0 for SD2).
+    pub pad_id: Option<u32>,
+    pub load: LoadOptions,
+}
+
+/// Tokenizer files next to a model: `tokenizer/` of a pipeline root, or
+/// the sibling `../tokenizer` of a `text_encoder/` folder.
+fn tokenizer_dir(model: &Path) -> Option<PathBuf> {
+    [
+        model.join("tokenizer"),
+        model.join("../tokenizer"),
+        model.to_path_buf(),
+    ]
+    .into_iter()
+    .find(|d| d.join("vocab.json").is_file() && d.join("merges.txt").is_file())
+}
+
+/// The pad id a tokenizer folder declares: "!" is id 0 (SD2), the end token
+/// is 49407 (SD1).
+fn folder_pad_id(dir: &Path) -> Option<u32> {
+    let text = std::fs::read_to_string(dir.join("special_tokens_map.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let pad = &v["pad_token"];
+    let s = pad.as_str().or_else(|| pad["content"].as_str())?;
+    match s {
+        "!" => Some(0),
+        "<|endoftext|>" => Some(EOS),
+        _ => None,
+    }
+}
+
+/// Load tokenizer and (optionally) text encoder and make an engine.
+pub fn build_engine(spec: &EngineSpec) -> Result<(Engine, Option<EncoderInfo>)> {
+    let Some(path) = &spec.text_encoder else {
+        let pad = spec.pad_id.unwrap_or(EOS);
+        return Ok((Engine::new(ClipTokenizer::embedded(), None, pad), None));
+    };
+    if !path.exists() {
+        return Err(Error::file(path, "no such file or folder"));
+    }
+    let (model, info) = clip::load(path, &spec.load)?;
+    let (tokenizer, folder_pad) = match path.is_dir().then(|| tokenizer_dir(path)).flatten() {
+        Some(dir) => {
+            let tok = ClipTokenizer::from_files(&dir.join("vocab.json"), &dir.join("merges.txt"))?;
+            (tok, folder_pad_id(&dir))
+        }
+        None => (ClipTokenizer::embedded(), None),
+    };
+    let layout_pad = if info.layout.contains("OpenCLIP") {
+        0
+    } else {
+        EOS
+    };
+    let pad = spec.pad_id.or(folder_pad).unwrap_or(layout_pad);
+    Ok((Engine::new(tokenizer, Some(model), pad), Some(info)))
+}

@@ -1,0 +1,355 @@
+//! The real `spm serve` binary on an ephemeral loopback port: every
+//! endpoint, auth, limits, malformed input, concurrency, reload and
+//! graceful shutdown. Requests are written by hand over TcpStream.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+struct Daemon {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(dir: &Path, extra: &[&str]) -> Daemon {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_spm"))
+        .args([
+            "serve",
+            "--port",
+            "0",
+            "--membranes",
+            p(dir),
+            "--text-encoder",
+            p(&fixture("sd1/base")),
+        ])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_string();
+    assert!(
+        addr.starts_with("127.0.0.1:"),
+        "binds loopback by default: {addr}"
+    );
+    Daemon { child, addr }
+}
+
+/// One HTTP/1.1 request; returns (status, body).
+fn request(addr: &str, method: &str, path: &str, headers: &[&str], body: &[u8]) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for h in headers {
+        head.push_str(h);
+        head.push_str("\r\n");
+    }
+    head.push_str("\r\n");
+    // The server may answer (413) and close before reading a big body.
+    let _ = s.write_all(head.as_bytes()).and_then(|_| s.write_all(body));
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn json(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+}
+
+fn post_gate(addr: &str, token: &str, body: &str) -> (u16, serde_json::Value) {
+    let auth = format!("Authorization: Bearer {token}");
+    let (s, b) = request(
+        addr,
+        "POST",
+        "/v1/gate",
+        &[&auth, "Content-Type: application/json"],
+        body.as_bytes(),
+    );
+    (s, json(&b))
+}
+
+/// A membrane folder: the SD1 SPM ("pikachu"), a second one, and a broken file.
+fn membrane_dir() -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        fixture("sd1/spm.safetensors"),
+        d.path().join("pikachu.safetensors"),
+    )
+    .unwrap();
+    std::fs::copy(
+        fixture("sd1/spm2.safetensors"),
+        d.path().join("cat.safetensors"),
+    )
+    .unwrap();
+    std::fs::write(
+        d.path().join("broken.safetensors"),
+        b"\x10\0\0\0\0\0\0\0{not json}",
+    )
+    .unwrap();
+    d
+}
+
+#[test]
+fn endpoints_auth_and_errors() {
+    let dir = membrane_dir();
+    let d = start(
+        dir.path(),
+        &[
+            "--token",
+            "s3cret",
+            "--max-body-bytes",
+            "2048",
+            "--max-prompts",
+            "4",
+        ],
+    );
+    let a = d.addr.as_str();
+
+    let (s, b) = request(a, "GET", "/healthz", &[], b"");
+    assert_eq!(s, 200);
+    let h = json(&b);
+    assert_eq!(
+        (h["status"].as_str(), h["membranes"].as_u64()),
+        (Some("ok"), Some(2))
+    );
+
+    // Auth on /v1/*.
+    assert_eq!(request(a, "GET", "/v1/membranes", &[], b"").0, 401);
+    assert_eq!(
+        request(
+            a,
+            "GET",
+            "/v1/membranes",
+            &["Authorization: Bearer wrong"],
+            b""
+        )
+        .0,
+        401
+    );
+    let (s, b) = request(
+        a,
+        "GET",
+        "/v1/membranes",
+        &["Authorization: Bearer s3cret"],
+        b"",
+    );
+    assert_eq!(s, 200);
+    let m = json(&b);
+    let names: Vec<&str> = m["membranes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["cat", "pikachu"]);
+    assert_eq!(
+        m["membranes"][1]["concepts"],
+        serde_json::json!(["pikachu"])
+    );
+    assert_eq!(m["membranes"][1]["rank"], 1);
+    let errs = m["errors"].as_array().unwrap();
+    assert_eq!(errs.len(), 1);
+    assert!(errs[0]["file"]
+        .as_str()
+        .unwrap()
+        .ends_with("broken.safetensors"));
+
+    // A gate request; values are checked against the reference in tests/transport.rs.
+    let (s, v) = post_gate(
+        a,
+        "s3cret",
+        r#"{"prompts":["a photo of pikachu","a cat"],"membranes":["pikachu"]}"#,
+    );
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["results"].as_array().unwrap().len(), 2);
+    let g = &v["results"][0]["gates"]["pikachu"];
+    assert_eq!(g["tokenuni"], 1.0);
+    assert_eq!(g["rate"], 1.0);
+    assert_eq!(g["strength"], 1.0);
+    assert!(v["results"][0]["gates"].get("cat").is_none());
+    assert_eq!(v["metric"], "clipcos_tokenuni");
+    let (s, v) = post_gate(
+        a,
+        "s3cret",
+        r#"{"prompts":["a cat"],"metric":"tokenuni","curve":"linear"}"#,
+    );
+    assert_eq!(s, 200);
+    assert_eq!(v["results"][0]["gates"]["cat"]["strength"], 1.0);
+    assert_eq!(v["results"][0]["gates"]["pikachu"]["strength"], 0.0);
+
+    // Bad input gets a JSON error with a 4xx status.
+    for (body, status) in [
+        ("{not json", 400),
+        (r#"{"prompts":"a cat"}"#, 400),
+        (r#"{"prompts":["a"],"bogus":1}"#, 400),
+        (r#"{"prompts":["a"],"metric":"cosine"}"#, 400),
+        (r#"{"prompts":[]}"#, 422),
+        (r#"{"prompts":["a"],"membranes":["nope"]}"#, 404),
+        (r#"{"prompts":["a","b","c","d","e"]}"#, 413),
+        (r#"{"prompts":["a"],"facilitate":1e999}"#, 400),
+    ] {
+        let (s, v) = post_gate(a, "s3cret", body);
+        assert_eq!(s, status, "{body}: {v}");
+        assert!(v["error"].is_string(), "{body}: {v}");
+    }
+    let big = format!(r#"{{"prompts":["{}"]}}"#, "x".repeat(4096));
+    let (s, _) = post_gate(a, "s3cret", &big);
+    assert_eq!(s, 413);
+    let (s, b) = request(a, "GET", "/v2/nothing", &[], b"");
+    assert_eq!(s, 404);
+    assert!(json(&b)["error"].is_string());
+    assert_eq!(
+        request(a, "GET", "/v1/gate", &["Authorization: Bearer s3cret"], b"").0,
+        405
+    );
+}
+
+#[test]
+fn concurrent_requests_and_reload() {
+    let dir = membrane_dir();
+    let d = start(dir.path(), &["--concurrency", "2"]);
+    let a = d.addr.clone();
+    let handles: Vec<_> = (0..8)
+        .map(|i| {
+            let a = a.clone();
+            std::thread::spawn(move || {
+                for j in 0..5 {
+                    let body = format!(r#"{{"prompts":["prompt {i} {j} pikachu","a cat {j}"]}}"#);
+                    let (s, v) = post_gate(&a, "", &body);
+                    assert_eq!(s, 200, "{v}");
+                    assert_eq!(v["results"][0]["gates"]["pikachu"]["tokenuni"], 1.0);
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    // Reload picks up a new file (a kohya conversion keeps the concepts).
+    let out = dir.path().join("pika_kohya.safetensors");
+    run_ok(&[
+        "convert",
+        p(&fixture("sd1/spm.safetensors")),
+        "--to",
+        "kohya",
+        "-o",
+        p(&out),
+    ]);
+    let (s, b) = request(&a, "POST", "/v1/reload", &[], b"");
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(json(&b)["membranes"].as_array().unwrap().len(), 3);
+    let (_, v) = post_gate(
+        &a,
+        "",
+        r#"{"prompts":["pikachu"],"membranes":["pika_kohya"]}"#,
+    );
+    assert_eq!(v["results"][0]["gates"]["pika_kohya"]["rate"], 1.0);
+}
+
+#[test]
+fn timeout_is_a_json_504() {
+    let dir = membrane_dir();
+    let d = start(dir.path(), &["--timeout-ms", "1", "--max-prompts", "64"]);
+    let prompts: Vec<String> = (0..64)
+        .map(|i| format!("\"distinct prompt number {i} about a forest\""))
+        .collect();
+    let (s, v) = post_gate(
+        &d.addr,
+        "",
+        &format!(r#"{{"prompts":[{}]}}"#, prompts.join(",")),
+    );
+    assert_eq!(s, 504, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("exceeded"));
+}
+
+#[test]
+fn sigterm_shuts_down_cleanly() {
+    let dir = membrane_dir();
+    let mut d = start(dir.path(), &[]);
+    assert_eq!(request(&d.addr, "GET", "/healthz", &[], b"").0, 200);
+    let pid = d.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let t = Instant::now();
+    loop {
+        if let Some(status) = d.child.try_wait().unwrap() {
+            assert!(status.success(), "exit status {status}");
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn gate_command_without_encoder_uses_tokenuni() {
+    let out = spm()
+        .args([
+            "gate",
+            "--json",
+            "--membrane",
+            p(&fixture("sd1/spm.safetensors")),
+            "a photo of pikachu",
+            "a tree",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("tokenuni only"));
+    let v = json(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(v["metric"], "tokenuni");
+    assert_eq!(v["results"][0]["gates"]["spm"]["rate"], 1.0);
+    assert_eq!(v["results"][1]["gates"]["spm"]["rate"], 0.0);
+    // clipcos without an encoder is refused with a clear message.
+    let out = spm()
+        .args([
+            "gate",
+            "--metric",
+            "clipcos",
+            "--membrane",
+            p(&fixture("sd1/spm.safetensors")),
+            "x",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs a text encoder"));
+}
