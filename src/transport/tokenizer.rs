@@ -556,7 +556,7 @@ fn fix_encoding(text: &str) -> String {
         let latin1 = text.chars().all(|c| (c as u32) < 0x100);
         let next = latin1
             .then(|| text.chars().map(|c| c as u8).collect::<Vec<u8>>())
-            .and_then(|b| decode_utf8(b))
+            .and_then(decode_utf8)
             .or_else(|| sloppy_1252_bytes(&text).and_then(decode_utf8));
         let next = match next {
             Some(t) => t,
