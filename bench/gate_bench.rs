@@ -13,8 +13,21 @@ use std::time::{Duration, Instant};
 use spm::transport::gate::{GateOptions, Membrane, Metric};
 use spm::transport::{build_engine, EngineSpec};
 
-const ADJ: [&str; 10] = ["red", "tiny", "ancient", "glowing", "wooden", "furry", "metallic", "sleepy", "giant", "paper"];
-const NOUN: [&str; 10] = ["fox", "castle", "robot", "teapot", "dragon", "lighthouse", "bicycle", "owl", "cactus", "ship"];
+const ADJ: [&str; 10] = [
+    "red", "tiny", "ancient", "glowing", "wooden", "furry", "metallic", "sleepy", "giant", "paper",
+];
+const NOUN: [&str; 10] = [
+    "fox",
+    "castle",
+    "robot",
+    "teapot",
+    "dragon",
+    "lighthouse",
+    "bicycle",
+    "owl",
+    "cactus",
+    "ship",
+];
 
 fn prompt(i: usize) -> String {
     format!(
@@ -50,13 +63,23 @@ fn request(addr: &str, body: &str) -> u16 {
     s.write_all(req.as_bytes()).unwrap();
     let mut raw = Vec::new();
     let _ = s.read_to_end(&mut raw);
-    String::from_utf8_lossy(&raw).split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
+    String::from_utf8_lossy(&raw)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
 }
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let te = PathBuf::from(args.get(1).expect("usage: gate_bench TEXT_ENCODER_DIR [SPM_BINARY]"));
-    let spm_bin = args.get(2).cloned().unwrap_or_else(|| "target/release/spm".into());
+    let te = PathBuf::from(
+        args.get(1)
+            .expect("usage: gate_bench TEXT_ENCODER_DIR [SPM_BINARY]"),
+    );
+    let spm_bin = args
+        .get(2)
+        .cloned()
+        .unwrap_or_else(|| "target/release/spm".into());
     let t0 = Instant::now();
     let (mut engine, _) = build_engine(&EngineSpec {
         text_encoder: Some(te.clone()),
@@ -104,7 +127,14 @@ fn main() {
     // prompt per request, half of them repeats (cache hits), bounded.
     let membrane_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/data/sd1");
     let mut child = Command::new(&spm_bin)
-        .args(["serve", "--port", "0", "--concurrency", "2", "--text-encoder"])
+        .args([
+            "serve",
+            "--port",
+            "0",
+            "--concurrency",
+            "2",
+            "--text-encoder",
+        ])
         .arg(&te)
         .arg("--membranes")
         .arg(&membrane_dir)
@@ -113,8 +143,15 @@ fn main() {
         .spawn()
         .expect("start spm serve");
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr = line.split("http://").nth(1).and_then(|s| s.split_whitespace().next()).unwrap().to_string();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap()
+        .to_string();
     let mut load = serde_json::Map::new();
     for (label, fresh) in [("cached", false), ("new", true)] {
         let (clients, per) = (8usize, if fresh { 4 } else { 250 });
@@ -125,7 +162,11 @@ fn main() {
                 std::thread::spawn(move || {
                     (0..per)
                         .filter(|r| {
-                            let i = if fresh { 200_000 + c * 1000 + r } else { r % 20 };
+                            let i = if fresh {
+                                200_000 + c * 1000 + r
+                            } else {
+                                r % 20
+                            };
                             let body = format!(r#"{{"prompts":["{}"]}}"#, prompt(i));
                             request(&addr, &body) == 200
                         })
