@@ -2,6 +2,7 @@
 //! SPM's reference does (spm-reference.md §3), from a CLIP text encoder run
 //! in candle.
 pub mod clip;
+pub mod ftfy;
 pub mod gate;
 pub mod prompt;
 pub mod tokenizer;
