@@ -31,6 +31,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures"))
+from clip_bpe import bytes_to_unicode  # noqa: E402
 
 CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
               vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
@@ -45,17 +47,6 @@ def prompt(i):
     return (f"a {ADJ[i % 10]} {NOUN[(i // 10) % 10]} {PLACE[i % 5]}, photo number {i}, "
             f"highly detailed, {ADJ[(i * 7) % 10]} light, by artist {i * 31 % 97}")
 
-
-def bytes_to_unicode():
-    bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
 
 
 def write_tokenizer(wheel, out):
