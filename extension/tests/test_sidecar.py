@@ -1,0 +1,40 @@
+"""Starting and stopping the real `spm serve` as the WebUI would."""
+
+import os
+
+import pytest
+
+from conftest import FIXTURES, SPM_BIN, need_binary
+from spm_ft.client import GateClient
+from spm_ft.sidecar import Sidecar, serve_command
+
+
+def test_command_line():
+    assert serve_command("/x/spm", 0, "/m", "/te", "tok") == [
+        "/x/spm", "serve", "--host", "127.0.0.1", "--port", "0", "--membranes", "/m",
+        "--text-encoder", "/te", "--token", "tok"]
+    assert serve_command("spm", 7862) == ["spm", "serve", "--host", "127.0.0.1", "--port", "7862"]
+
+
+def test_start_and_stop(mem_dir):
+    need_binary()
+    s = Sidecar()
+    url = s.start(serve_command(SPM_BIN, 0, str(mem_dir), os.path.join(FIXTURES, "base"), "t0k"))
+    try:
+        assert url.startswith("http://127.0.0.1:") and s.running()
+        assert s.start([SPM_BIN, "nonsense"]) == url  # already running: no second process
+        r = GateClient(url, token="t0k", timeout=5).gates(["a photo of pikachu"], ["spm"])
+        assert not r.failed and r.gates[0]["spm"] == pytest.approx(1.0)
+        proc = s.proc
+    finally:
+        s.stop()
+    assert not s.running() and proc.returncode == 0  # SIGTERM: graceful exit
+    assert GateClient(url, token="t0k", timeout=1).gates(["a cat"], ["spm"]).failed
+
+
+def test_start_failure_is_reported(tmp_path):
+    need_binary()
+    s = Sidecar()
+    with pytest.raises(RuntimeError, match="did not start"):
+        s.start(serve_command(SPM_BIN, 0, str(tmp_path), str(tmp_path / "no-such-encoder")), wait_s=30)
+    assert not s.running()
