@@ -9,7 +9,7 @@ use crate::adapter::{algorithm, class_counts, has_standard_dims, Adapter};
 use crate::convert::py_float;
 use crate::io::tensor::dtype_name;
 use crate::io::Container;
-use crate::schemes::{Class, Component};
+use crate::schemes::Class;
 
 #[derive(Debug, Serialize)]
 pub struct Coverage {
@@ -203,14 +203,4 @@ pub fn render_text(r: &InspectReport) -> String {
         s.push_str(&format!("problem       {p}\n"));
     }
     s
-}
-
-/// Modules of the UNet transformer class found / expected, e.g. 192/192.
-pub fn transformer_coverage(r: &InspectReport) -> Option<(usize, usize)> {
-    r.coverage
-        .iter()
-        .find(|c| {
-            c.component == Component::Unet.name() && c.class == class_name(Class::Transformer)
-        })
-        .map(|c| (c.found, c.expected))
 }

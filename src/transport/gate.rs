@@ -179,10 +179,6 @@ impl Engine {
         self.encoder.is_some()
     }
 
-    pub fn pad_id(&self) -> u32 {
-        self.pad_id
-    }
-
     pub fn membranes(&self) -> impl Iterator<Item = &Membrane> {
         self.membranes.iter().map(|p| &p.membrane)
     }
