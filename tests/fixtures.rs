@@ -61,16 +61,7 @@ fn inspect_names_injected_bad_keys() {
     }
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("bad.safetensors");
-    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
-        .iter()
-        .map(|(k, t)| {
-            (
-                k.clone(),
-                safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &t.bytes).unwrap(),
-            )
-        })
-        .collect();
-    safetensors::serialize_to_file(views, Some(src.metadata.clone()), &f).unwrap();
+    save(&f, &tensors, &src.metadata);
     let out = run_ok(&["inspect", "--json", p(&f)]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let unknown: BTreeSet<&str> = v["unknown_keys"]
@@ -777,16 +768,7 @@ fn two_d_projections_become_conv_factors() {
     }
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("flat.safetensors");
-    let views: Vec<(String, safetensors::tensor::TensorView)> = flat
-        .iter()
-        .map(|(k, t)| {
-            (
-                k.clone(),
-                safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &t.bytes).unwrap(),
-            )
-        })
-        .collect();
-    safetensors::serialize_to_file(views, Some(src.metadata.clone()), &f).unwrap();
+    save(&f, &flat, &src.metadata);
     let out = dir.path().join("peft.safetensors");
     run_ok(&[
         "convert",

@@ -82,6 +82,21 @@ pub fn load(path: &Path) -> Loaded {
     Loaded { tensors, metadata }
 }
 
+/// Write tensors (in order) and metadata with the `safetensors` crate's own
+/// serializer, to build modified inputs independently of spm's writer.
+pub fn save(path: &Path, tensors: &[(String, T)], metadata: &HashMap<String, String>) {
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(k, t)| {
+            (
+                k.clone(),
+                safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &t.bytes).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, Some(metadata.clone()), path).unwrap();
+}
+
 /// Run spm with `args`, asserting success; returns stdout.
 pub fn run_ok(args: &[&str]) -> String {
     let out = spm().args(args).output().unwrap();
