@@ -449,6 +449,10 @@ fn check_module(inv: &Inventory, m: &Module, problems: &mut Vec<String>) {
         ));
         return;
     }
+    if down.shape[0] == 0 {
+        problems.push(format!("`{name}`: rank 0 (empty lora_down)"));
+        return;
+    }
     if down.shape[0] != up.shape[1] && !m.other.contains_key("lora_mid.weight") {
         problems.push(format!(
             "`{name}`: rank mismatch: lora_down has {} rows, lora_up has {} columns",
@@ -495,7 +499,8 @@ pub fn has_standard_dims(inv: &Inventory, m: &Module) -> bool {
     } else {
         1
     };
-    d.numel() / d.shape[0] == spec.in_dim * k && u.shape[0] == spec.out_dim
+    let rows = d.shape.first().copied().unwrap_or(0);
+    d.numel().checked_div(rows) == Some(spec.in_dim * k) && u.shape.first() == Some(&spec.out_dim)
 }
 
 /// Alphas stored in PEFT metadata (`lora_adapter_metadata`).
