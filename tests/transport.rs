@@ -251,3 +251,35 @@ fn webui_prompts_gate_like_their_words() {
     let style = e.gate("van gogh", Some(&["style".into()]), &opts).unwrap()[0].1;
     assert_eq!(and["style"], style);
 }
+
+/// Random prompts built from syntax characters, unicode and emoji never
+/// panic the normaliser or the tokenizer, and always give 77 ids that start
+/// with BOS and hold EOS.
+#[test]
+fn random_prompts_never_panic() {
+    let alphabet: Vec<char> =
+        "ab cAND BREAK()[]{}<>:|\\,.!?'0123456789éßЖ東🙂👍🏽\u{200d}\u{0301}\t\n&amp;lora:x:1"
+            .chars()
+            .collect();
+    let tok = ClipTokenizer::embedded();
+    let mut seed: u64 = 42;
+    for _ in 0..2000 {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let len = (seed >> 58) as usize * 3;
+        let s: String = (0..len)
+            .map(|i| {
+                let x =
+                    seed.rotate_left(i as u32 * 7) ^ (i as u64).wrapping_mul(0x9e3779b97f4a7c15);
+                alphabet[(x % alphabet.len() as u64) as usize]
+            })
+            .collect();
+        for part in spm::transport::prompt::normalize(&s) {
+            let ids = tok.encode_padded(&part, 77, EOS);
+            assert_eq!(ids.len(), 77, "{s:?}");
+            assert_eq!(ids[0], 49406, "{s:?}");
+            assert!(ids.contains(&EOS), "{s:?}");
+        }
+    }
+}
