@@ -30,13 +30,18 @@ use spm::transport::{build_engine, EngineSpec};
 /// that erases one concept. `spm` turns SPM files into LoRAs that
 /// A1111/Forge/ComfyUI/diffusers load, moves any LoRA between key-naming
 /// schemes (kohya, LDM, PEFT, old diffusers) for SD1.x/SD2.x/SDXL without
-/// loss, merges membranes and bakes them into checkpoints.
+/// loss, merges membranes and bakes them into checkpoints. It also restores
+/// SPM's Facilitated Transport (per-prompt membrane strength) with a CLIP
+/// text encoder run locally: `spm gate` once, `spm serve` as the sidecar of
+/// the WebUI extension.
 ///
 /// Examples:
 ///   spm inspect erase_pikachu.safetensors
 ///   spm convert erase_pikachu.safetensors --to kohya -o pikachu_lora.safetensors
 ///   spm merge snoopy.safetensors mickey.safetensors -o cartoons.safetensors
 ///   spm bake --base v1-5.safetensors erase_pikachu.safetensors -o v1-5-nopika.safetensors
+///   spm gate --membrane erase_pikachu.safetensors --text-encoder sd15/ "a photo of pikachu"
+///   spm serve --membranes membranes/ --text-encoder sd15/
 #[derive(Parser)]
 #[command(name = "spm", version, verbatim_doc_comment, max_term_width = 100)]
 struct Cli {
