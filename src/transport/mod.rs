@@ -76,3 +76,44 @@ pub fn build_engine(spec: &EngineSpec) -> Result<(Engine, Option<EncoderInfo>)> 
     let pad = spec.pad_id.or(folder_pad).unwrap_or(layout_pad);
     Ok((Engine::new(tokenizer, Some(model), pad), Some(info)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// SD2 pipelines declare "!" (id 0) as pad, SD1 the end token; both
+    /// spellings transformers writes (plain string or AddedToken object).
+    #[test]
+    fn pad_id_from_special_tokens_map() {
+        let d = tempfile::tempdir().unwrap();
+        let cases = [
+            (r#"{"pad_token": "!"}"#, Some(0)),
+            (
+                r#"{"pad_token": {"content": "<|endoftext|>", "lstrip": false}}"#,
+                Some(EOS),
+            ),
+            (r#"{"pad_token": "<pad>"}"#, None),
+            ("not json", None),
+        ];
+        for (text, want) in cases {
+            std::fs::write(d.path().join("special_tokens_map.json"), text).unwrap();
+            assert_eq!(folder_pad_id(d.path()), want, "{text}");
+        }
+    }
+
+    /// A pipeline root's `tokenizer/` folder is found next to `text_encoder/`.
+    #[test]
+    fn tokenizer_folder_is_found_beside_the_model() {
+        let d = tempfile::tempdir().unwrap();
+        let tok = d.path().join("tokenizer");
+        std::fs::create_dir_all(d.path().join("text_encoder")).unwrap();
+        std::fs::create_dir_all(&tok).unwrap();
+        assert_eq!(tokenizer_dir(d.path()), None);
+        std::fs::write(tok.join("vocab.json"), "{}").unwrap();
+        std::fs::write(tok.join("merges.txt"), "").unwrap();
+        let found = tokenizer_dir(d.path()).unwrap();
+        assert_eq!(found.canonicalize().unwrap(), tok.canonicalize().unwrap());
+        let from_te = tokenizer_dir(&d.path().join("text_encoder")).unwrap();
+        assert_eq!(from_te.canonicalize().unwrap(), tok.canonicalize().unwrap());
+    }
+}
