@@ -264,6 +264,23 @@ impl Adapter {
         }
     }
 
+    /// For merge and bake, which add `up @ down` deltas: no problems, no
+    /// unknown keys, and only plain LoRA/LoCon modules. `what` names the
+    /// operation in the error ("merged", "baked").
+    pub fn ensure_plain(&self, what: &str) -> Result<()> {
+        self.ensure_clean(false)?;
+        if let Some(m) = self.modules.iter().find(|m| !m.is_plain_lora()) {
+            return Err(Error::key(
+                &self.path,
+                self.inventory().flat_name(m.index, false),
+                format!(
+                    "only plain LoRA/LoCon modules can be {what} (LoHa/LoKr/DoRA/Tucker found)"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Concepts this membrane erases: SPM `prompts` split on ",".
     pub fn concepts(&self) -> Vec<String> {
         concepts_of(&self.metadata)

@@ -95,8 +95,16 @@ pub fn bake(
     progress: bool,
     strict: bool,
 ) -> Result<BakeReport> {
+    for i in inputs {
+        i.adapter.ensure_plain("baked")?;
+    }
+    // Per input, per module: whether it found its weight in some file.
+    let mut hit: Vec<Vec<bool>> = inputs
+        .iter()
+        .map(|i| vec![false; i.adapter.modules.len()])
+        .collect();
     if base.is_dir() {
-        bake_diffusers(base, inputs, out, progress, strict)
+        bake_diffusers(base, inputs, out, progress, strict, &mut hit)
     } else {
         let ext = base.extension().and_then(|e| e.to_str()).unwrap_or("");
         if ext != "safetensors" {
@@ -110,7 +118,6 @@ pub fn bake(
             layout: "ldm single file".into(),
             ..Default::default()
         };
-        let mut hit = vec![Vec::new(); inputs.len()];
         let mut file = AtomicFile::create(out)?;
         bake_file(
             base,
@@ -179,16 +186,13 @@ fn bake_diffusers(
     out: &Path,
     progress: bool,
     strict: bool,
+    hit: &mut [Vec<bool>],
 ) -> Result<BakeReport> {
     let mut report = BakeReport {
         output: out.to_path_buf(),
         layout: "diffusers folder".into(),
         ..Default::default()
     };
-    let mut hit: Vec<Vec<bool>> = inputs
-        .iter()
-        .map(|i| vec![false; i.adapter.modules.len()])
-        .collect();
     let dir = AtomicDir::create(out)?;
     let mut files = Vec::new();
     walk(base, &mut files).map_err(|e| Error::io(base, e))?;
@@ -213,15 +217,7 @@ fn bake_diffusers(
         match component {
             Some(c) if is_weights => {
                 let mut f = File::create(&dst).map_err(|e| Error::io(&dst, e))?;
-                bake_file(
-                    &src,
-                    &mut f,
-                    inputs,
-                    Some(c),
-                    &mut hit,
-                    &mut report,
-                    progress,
-                )?;
+                bake_file(&src, &mut f, inputs, Some(c), hit, &mut report, progress)?;
                 report.files += 1;
             }
             _ => {
@@ -229,7 +225,7 @@ fn bake_diffusers(
             }
         }
     }
-    finish(base, inputs, &hit, &mut report, strict)?;
+    finish(base, inputs, hit, &mut report, strict)?;
     dir.commit()?;
     Ok(report)
 }
@@ -260,11 +256,6 @@ fn bake_file(
     progress: bool,
 ) -> Result<()> {
     let header = read_header(src)?;
-    if hit.iter().all(|h| h.is_empty()) {
-        for (h, i) in hit.iter_mut().zip(inputs) {
-            *h = vec![false; i.adapter.modules.len()];
-        }
-    }
     let names: HashMap<&str, &TensorInfo> = header
         .tensors
         .iter()

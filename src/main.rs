@@ -572,16 +572,6 @@ fn run(cmd: Command) -> Result<()> {
                 .iter()
                 .map(|p| Adapter::load(p, arch.get()))
                 .collect::<Result<Vec<_>>>()?;
-            for a in &adapters {
-                a.ensure_clean(false)?;
-                if let Some(m) = a.modules.iter().find(|m| !m.is_plain_lora()) {
-                    return Err(Error::key(
-                        &a.path,
-                        a.inventory().flat_name(m.index, false),
-                        "only plain LoRA/LoCon modules can be baked (LoHa/LoKr/DoRA found)",
-                    ));
-                }
-            }
             let ins: Vec<bake::Input> = adapters
                 .iter()
                 .zip(&weights)

@@ -51,15 +51,7 @@ pub fn merge(parts: &[Part], dtype: Option<Dtype>) -> Result<Merged> {
                 ),
             ));
         }
-        p.adapter.ensure_clean(false)?;
-        if let Some(m) = p.adapter.modules.iter().find(|m| !m.is_plain_lora()) {
-            let name = p.adapter.inventory().flat_name(m.index, false);
-            return Err(Error::key(
-                &p.adapter.path,
-                name,
-                "only plain LoRA/LoCon modules can be merged (LoHa/LoKr/DoRA/Tucker found)",
-            ));
-        }
+        p.adapter.ensure_plain("merged")?;
     }
     let dtype = dtype.unwrap_or_else(|| widest(parts));
     let inv = first.adapter.inventory();
@@ -80,7 +72,7 @@ pub fn merge(parts: &[Part], dtype: Option<Dtype>) -> Result<Merged> {
         let kind = inv.modules[index].kind;
         let list = &by_index[&index];
         modules.push(
-            concat(&p_name(inv, index), kind, list, dtype)
+            concat(&inv.modules[index].path, kind, list, dtype)
                 .map_err(|msg| Error::key(&first.adapter.path, inv.flat_name(index, false), msg))?,
         );
     }
@@ -114,10 +106,6 @@ pub fn merge(parts: &[Part], dtype: Option<Dtype>) -> Result<Merged> {
         metadata,
         dtype,
     })
-}
-
-fn p_name(inv: &crate::schemes::Inventory, index: usize) -> String {
-    inv.modules[index].path.clone()
 }
 
 /// The widest float dtype among the inputs' factors.

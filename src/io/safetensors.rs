@@ -46,20 +46,26 @@ pub struct Header {
 
 /// Read and validate only the header of `path`: no tensor data is touched.
 pub fn read_header(path: &Path) -> Result<Header> {
-    let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let size = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let (mut file, size) = open_sized(path)?;
     let mut len8 = [0u8; 8];
+    file.read_exact(&mut len8).map_err(|e| Error::io(path, e))?;
+    let n = check_header_len(path, u64::from_le_bytes(len8), size)?;
+    let mut json = vec![0u8; n as usize];
+    file.read_exact(&mut json).map_err(|e| Error::io(path, e))?;
+    parse_header(path, &json, size)
+}
+
+/// Open `path` and check it can hold the 8-byte header length at all.
+fn open_sized(path: &Path) -> Result<(File, u64)> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let size = file.metadata().map_err(|e| Error::io(path, e))?.len();
     if size < 8 {
         return Err(Error::file(
             path,
             format!("not a safetensors file: {size} bytes, shorter than the 8-byte header length"),
         ));
     }
-    file.read_exact(&mut len8).map_err(|e| Error::io(path, e))?;
-    let n = check_header_len(path, u64::from_le_bytes(len8), size)?;
-    let mut json = vec![0u8; n as usize];
-    file.read_exact(&mut json).map_err(|e| Error::io(path, e))?;
-    parse_header(path, &json, size)
+    Ok((file, size))
 }
 
 fn check_header_len(path: &Path, n: u64, size: u64) -> Result<u64> {
@@ -178,16 +184,7 @@ pub struct SafetensorsFile {
 
 impl SafetensorsFile {
     pub fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        let size = file.metadata().map_err(|e| Error::io(path, e))?.len();
-        if size < 8 {
-            return Err(Error::file(
-                path,
-                format!(
-                    "not a safetensors file: {size} bytes, shorter than the 8-byte header length"
-                ),
-            ));
-        }
+        let (file, size) = open_sized(path)?;
         // SAFETY: the map is read-only; spm never writes to an input file
         // (outputs go to a temp file renamed into place), so the only way the
         // bytes change under us is another process truncating the file.
