@@ -288,26 +288,30 @@ impl Adapter {
 
     /// The most common value, used for the file-level rank/alpha metadata.
     pub fn common_rank_alpha(&self) -> (Option<usize>, Option<f64>) {
-        let mut ranks: BTreeMap<usize, usize> = BTreeMap::new();
-        let mut alphas: Vec<(f64, usize)> = Vec::new();
-        for m in &self.modules {
-            if let Some(r) = m.rank() {
-                *ranks.entry(r).or_default() += 1;
-            }
-            if let Some(a) = m.alpha_value() {
-                match alphas.iter_mut().find(|(v, _)| *v == a) {
-                    Some((_, n)) => *n += 1,
-                    None => alphas.push((a, 1)),
-                }
-            }
-        }
-        let rank = ranks
-            .into_iter()
-            .max_by_key(|(r, n)| (*n, *r))
-            .map(|(r, _)| r);
-        let alpha = alphas.into_iter().max_by_key(|(_, n)| *n).map(|(a, _)| a);
-        (rank, alpha)
+        (
+            most_common(self.modules.iter().filter_map(Module::rank)),
+            most_common(self.modules.iter().filter_map(Module::alpha_value)),
+        )
     }
+}
+
+/// The most frequent value; the first seen wins ties, so the result never
+/// depends on hashing. Used for file-level rank/alpha metadata.
+pub fn most_common<T: PartialEq + Copy>(values: impl Iterator<Item = T>) -> Option<T> {
+    let mut counts: Vec<(T, usize)> = Vec::new();
+    for v in values {
+        match counts.iter_mut().find(|(x, _)| *x == v) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((v, 1)),
+        }
+    }
+    let mut best: Option<(T, usize)> = None;
+    for (v, n) in counts {
+        if best.is_none_or(|(_, b)| n > b) {
+            best = Some((v, n));
+        }
+    }
+    best.map(|(v, _)| v)
 }
 
 /// Concepts from metadata: SPM's `prompts`, split on "," and trimmed.

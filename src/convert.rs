@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{json, Map, Value};
 
-use crate::adapter::{Adapter, Module, ALPHA_DTYPE_KEY};
+use crate::adapter::{most_common, Adapter, Module, ALPHA_DTYPE_KEY};
 use crate::error::{Error, Result};
 use crate::io::tensor::{dtype_name, is_float, Dtype, RawTensor};
 use crate::schemes::keys::old_diffusers_key;
@@ -208,7 +208,7 @@ pub fn render(
             lossy.join("\n  ")
         )));
     }
-    let metadata = build_metadata(arch, modules, metadata_in, opts, &kept)?;
+    let metadata = build_metadata(arch, modules, metadata_in, opts, &kept);
     Ok(Rendered {
         tensors,
         metadata,
@@ -272,39 +272,21 @@ pub fn scale_tensor(t: &RawTensor, w: f32) -> RawTensor {
     RawTensor::from_f32(t.dtype, t.shape.clone(), &v)
 }
 
-fn common<T: PartialEq + Copy>(values: impl Iterator<Item = T>) -> Option<T> {
-    let mut counts: Vec<(T, usize)> = Vec::new();
-    for v in values {
-        match counts.iter_mut().find(|(x, _)| *x == v) {
-            Some((_, n)) => *n += 1,
-            None => counts.push((v, 1)),
-        }
-    }
-    // First-seen wins ties, so the result does not depend on hashing.
-    let mut best: Option<(T, usize)> = None;
-    for (v, n) in counts {
-        if best.is_none_or(|(_, b)| n > b) {
-            best = Some((v, n));
-        }
-    }
-    best.map(|(v, _)| v)
-}
-
 fn build_metadata(
     arch: Arch,
     modules: &[Module],
     input: &BTreeMap<String, String>,
     opts: &ConvertOptions,
     kept: &[Module],
-) -> Result<BTreeMap<String, String>> {
+) -> BTreeMap<String, String> {
     let inv = inventory(arch);
     let mut md: BTreeMap<String, String> = input
         .iter()
         .filter(|(k, _)| !DROPPED_METADATA.contains(&k.as_str()))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    let rank = common(modules.iter().filter_map(Module::rank));
-    let alpha = common(modules.iter().filter_map(Module::alpha_value));
+    let rank = most_common(modules.iter().filter_map(Module::rank));
+    let alpha = most_common(modules.iter().filter_map(Module::alpha_value));
     if let Some(w) = opts.strength {
         md.insert("spm.baked_strength".into(), format!("{w}"));
         md.insert(
@@ -332,7 +314,7 @@ fn build_metadata(
                 "lora_adapter_metadata".into(),
                 peft_metadata(inv, kept, rank, alpha),
             );
-            if let Some(dt) = common(
+            if let Some(dt) = most_common(
                 kept.iter()
                     .filter_map(|m| m.alpha.as_ref().map(|a| a.dtype)),
             ) {
@@ -343,7 +325,7 @@ fn build_metadata(
             md.insert("format".into(), "pt".into());
         }
     }
-    Ok(md)
+    md
 }
 
 fn kohya_metadata(
@@ -435,10 +417,10 @@ fn peft_metadata(
         if ms.is_empty() {
             continue;
         }
-        let r = common(ms.iter().filter_map(|m| m.rank()))
+        let r = most_common(ms.iter().filter_map(|m| m.rank()))
             .or(rank)
             .unwrap_or(1);
-        let a = common(ms.iter().filter_map(|m| m.alpha_value()))
+        let a = most_common(ms.iter().filter_map(|m| m.alpha_value()))
             .or(alpha)
             .unwrap_or(r as f64);
         let mut targets = Vec::new();
