@@ -261,13 +261,7 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<(ClipTextModel, EncoderIn
                 || k.starts_with("final_layer_norm."))
             .then(|| k.to_string())
         })?;
-        let info = EncoderInfo {
-            path: weights.clone(),
-            layout: "diffusers text_encoder".into(),
-            hidden_size: config.hidden_size,
-            layers: config.num_hidden_layers,
-        };
-        return Ok((build(&weights, tensors, config)?, info));
+        return build(&weights, tensors, config, "diffusers text_encoder");
     }
     let f = SafetensorsFile::open(path)?;
     let has = |p: &str| f.header.tensors.iter().any(|t| t.name.starts_with(p));
@@ -285,24 +279,12 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<(ClipTextModel, EncoderIn
         };
         let tensors = collect(&f, |k| k.strip_prefix(prefix).map(String::from))?;
         let config = infer_config(path, &tensors, opts, Activation::QuickGelu)?;
-        let info = EncoderInfo {
-            path: path.to_path_buf(),
-            layout: "ldm sd1 (HF CLIP)".into(),
-            hidden_size: config.hidden_size,
-            layers: config.num_hidden_layers,
-        };
-        return Ok((build(path, tensors, config)?, info));
+        return build(path, tensors, config, "ldm sd1 (HF CLIP)");
     }
     if has("cond_stage_model.model.transformer.resblocks.") {
         let tensors = openclip_to_hf(path, &f, "cond_stage_model.model.", opts)?;
         let config = infer_config(path, &tensors, opts, Activation::Gelu)?;
-        let info = EncoderInfo {
-            path: path.to_path_buf(),
-            layout: "ldm sd2 (OpenCLIP)".into(),
-            hidden_size: config.hidden_size,
-            layers: config.num_hidden_layers,
-        };
-        return Ok((build(path, tensors, config)?, info));
+        return build(path, tensors, config, "ldm sd2 (OpenCLIP)");
     }
     Err(Error::file(
         path,
@@ -336,10 +318,18 @@ fn build(
     path: &Path,
     tensors: HashMap<String, Tensor>,
     config: ClipTextConfig,
-) -> Result<ClipTextModel> {
+    layout: &str,
+) -> Result<(ClipTextModel, EncoderInfo)> {
+    let info = EncoderInfo {
+        path: path.to_path_buf(),
+        layout: layout.into(),
+        hidden_size: config.hidden_size,
+        layers: config.num_hidden_layers,
+    };
     let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
-    ClipTextModel::new(vb, config)
-        .map_err(|e| Error::file(path, format!("text encoder weights do not fit: {e}")))
+    let model = ClipTextModel::new(vb, config)
+        .map_err(|e| Error::file(path, format!("text encoder weights do not fit: {e}")))?;
+    Ok((model, info))
 }
 
 fn dims(path: &Path, tensors: &HashMap<String, Tensor>, key: &str) -> Result<Vec<usize>> {
