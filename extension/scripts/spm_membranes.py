@@ -20,7 +20,7 @@ from modules import script_callbacks, scripts, shared  # noqa: E402
 from spm_ft.client import CURVES, METRICS, GateClient  # noqa: E402
 from spm_ft.job import compute_job  # noqa: E402
 from spm_ft.membranes import find_membrane_file, is_spm_file  # noqa: E402
-from spm_ft.prompts import parse_always_on, strip_lora_tags  # noqa: E402
+from spm_ft.prompts import drop_extra_networks, parse_always_on, strip_lora_tags  # noqa: E402
 from spm_ft.runtime import LOG_PREFIX, Runtime  # noqa: E402
 from spm_ft.sidecar import Sidecar, serve_command  # noqa: E402
 
@@ -153,18 +153,32 @@ class SpmFacilitatedTransport(scripts.Script):
         rt = Runtime(job, log=log)
         rt.params = p.extra_generation_params
         p.extra_generation_params.update(job.infotext_params())
-        if job.taken_over and hr:
-            p.all_hr_prompts = [strip_lora_tags(s, job.taken_over) for s in p.all_hr_prompts]
+        # p.all_prompts and p.all_hr_prompts keep the user's tags: the infotext
+        # ("Hires prompt" reads p.all_hr_prompts) must paste back with the SPM.
         _state["runtime"] = rt
 
     def before_process_batch(self, p, *args, **kwargs):
+        """Take the SPM tags away from the built-in Lora loader (the extension
+        applies them): the WebUI parses ``p.prompts`` into extra-network data
+        right after this call and activates it at once."""
         rt = _state["runtime"]
         if rt is None or not rt.job.taken_over:
             return
-        # Take the SPM tags away from the built-in Lora loader: the extension applies them.
-        for lst in (kwargs.get("prompts"), getattr(p, "prompts", None), getattr(p, "hr_prompts", None)):
+        for lst in (kwargs.get("prompts"), getattr(p, "prompts", None)):
             if isinstance(lst, list):
                 lst[:] = [strip_lora_tags(s, rt.job.taken_over) for s in lst]
+
+    def process_batch(self, p, *args, **kwargs):
+        """The hires prompts of the batch are parsed from ``p.all_hr_prompts``
+        after ``before_process_batch`` and activated in the hires pass, after
+        this call: drop the SPMs from that extra-network data instead of
+        editing the prompts."""
+        rt = _state["runtime"]
+        if rt is None or not rt.job.taken_over:
+            return
+        data = getattr(p, "hr_extra_network_data", None)
+        if isinstance(data, dict):
+            drop_extra_networks(data, rt.job.taken_over)
 
     def process_before_every_sampling(self, p, *args, **kwargs):
         rt = _state["runtime"]
@@ -205,22 +219,22 @@ def on_cfg_denoiser(params):
 
 
 def on_ui_settings():
+    import gradio as gr
+
     def add(key, label, **kw):
         shared.opts.add_option(key, shared.OptionInfo(DEFAULTS[key], label, section=SECTION, **kw))
 
+    # The settings page draws an option without a component only when its
+    # default is a str, int or bool (modules/ui_settings.py, create_setting_component):
+    # the float timeout needs its own component.
     add("spm_ft_url", "Sidecar URL (spm serve)")
     add("spm_ft_token", "Sidecar bearer token")
     add("spm_ft_always_on", "Always-on membranes (moderation; comma-separated, name or name:weight)")
-    try:
-        import gradio as gr
-
-        add("spm_ft_metric", "Gate metric", component=gr.Dropdown, component_args={"choices": list(METRICS)})
-        add("spm_ft_curve", "Strength curve (reference = m², as SPM's paper)", component=gr.Dropdown,
-            component_args={"choices": list(CURVES)})
-    except ImportError:
-        add("spm_ft_metric", "Gate metric")
-        add("spm_ft_curve", "Strength curve")
-    add("spm_ft_timeout", "Sidecar timeout (seconds; on timeout every gate is 1.0)")
+    add("spm_ft_metric", "Gate metric", component=gr.Dropdown, component_args={"choices": list(METRICS)})
+    add("spm_ft_curve", "Strength curve (reference = m², as SPM's paper)", component=gr.Dropdown,
+        component_args={"choices": list(CURVES)})
+    add("spm_ft_timeout", "Sidecar timeout (seconds; on timeout every gate is 1.0)", component=gr.Slider,
+        component_args={"minimum": 0.1, "maximum": 30.0, "step": 0.1})
     add("spm_ft_membranes_dir", "Membrane folder (always-on membranes; --membranes of the sidecar)")
     add("spm_ft_binary", "Path to the spm binary: start the sidecar with the WebUI (empty: don't)")
     add("spm_ft_text_encoder", "Text encoder for the started sidecar (--text-encoder)")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
 from . import infotext
-from .client import GateClient, GateResult
+from .client import FORCED, FROM_CACHE, FROM_SIDECAR, GateClient, GateResult
 from .prompts import and_count, parse_lora_tags, strip_lora_tags
 
 
@@ -60,9 +60,39 @@ class JobGates:
         if self.hr_prompts and self.hires != self.base:
             out["SPM hires gates"] = infotext.PerImageGates(self.hires)
         out["SPM metric"] = infotext.metric_text(self.result.metric, self.result.curve)
-        if self.failed:
-            out["SPM note"] = infotext.failure_note(self.result.reason)
+        if self.result.degraded:
+            out["SPM gate source"] = infotext.PerImageSource(self.sources, self.hr_sources if self.hr_prompts else None)
+            out["SPM note"] = infotext.degraded_note(self.result.reason, self.failed, FROM_CACHE in self.result.sources)
         return out
+
+    @property
+    def sources(self) -> List[str]:
+        return self.result.sources[: len(self.base)]
+
+    @property
+    def hr_sources(self) -> List[str]:
+        return self.result.sources[len(self.base):] if self.hr_prompts else self.sources
+
+
+def merge_results(parts: Sequence[GateResult], n: int, metric: str, curve: str) -> GateResult:
+    """One result from the per-normalisation requests of a job: gates are
+    united per prompt; a prompt's source is the worst of its parts."""
+    if len(parts) == 1:
+        return parts[0]
+    rank = {FROM_SIDECAR: 0, FROM_CACHE: 1, FORCED: 2}
+    gates: List[Dict[str, float]] = [{} for _ in range(n)]
+    details: List[Dict[str, dict]] = [{} for _ in range(n)]
+    sources = [FROM_SIDECAR] * n
+    for r in parts:
+        for i in range(n):
+            gates[i].update(r.gates[i])
+            if r.details:
+                details[i].update(r.details[i])
+            if rank[r.sources[i]] > rank[sources[i]]:
+                sources[i] = r.sources[i]
+    reasons = [f"{r.normalize} normalisation: {r.reason}" for r in parts if r.reason]
+    return GateResult(gates, failed=any(r.failed for r in parts), reason="; ".join(reasons), metric=metric,
+                      curve=curve, cached=sum(r.cached for r in parts), details=details, sources=sources)
 
 
 def compute_job(
@@ -119,8 +149,18 @@ def compute_job(
     hr = [ceilings_and_clean(p) for p in (hr_prompts or [])]
     clean = [c for _, c in base] + [c for _, c in hr]
     wanted = sorted({n for ceil, _ in base + hr for n in ceil})
-    result = client.gates(clean, wanted, metric=metric, curve=curve) if wanted else GateResult(
-        [{} for _ in clean], metric=metric, curve=curve)
+    # Always-on (moderation) membranes are gated on the strictly normalised
+    # prompt, so that spellings such as "pi\u200bka\u200bchu" cannot evade them;
+    # SPMs named in the prompt use the reference normalisation. One request per
+    # kind (at most two per job).
+    strict = [n for n in wanted if n in always]
+    plain = [n for n in wanted if n not in always]
+    parts = []
+    if strict:
+        parts.append(client.gates(clean, strict, metric=metric, curve=curve, normalize="strict"))
+    if plain:
+        parts.append(client.gates(clean, plain, metric=metric, curve=curve))
+    result = merge_results(parts, len(clean), metric, curve)
 
     def combine(pairs, gates):
         out = []

@@ -98,3 +98,24 @@ def parse_always_on(setting: str) -> dict:
         if name:
             out[name] = max(out.get(name, 0.0), _num(w, 1.0) if w else 1.0)
     return out
+
+
+def drop_extra_networks(data, names) -> int:
+    """Remove the ``lora``/``lyco`` entries named in ``names`` from parsed
+    extra-network data (``{kind: [params, …]}``; the built-in Lora loader takes
+    a tag's name from ``params.positional[0]``, its fields without ``=``).
+    Returns how many were removed."""
+    names = set(names)
+    removed = 0
+    for kind in list(data):
+        if str(kind).lower() not in LORA_KINDS:
+            continue
+        keep = []
+        for params in data[kind]:
+            pos = getattr(params, "positional", None) or []
+            if pos and str(pos[0]).strip() in names:
+                removed += 1
+            else:
+                keep.append(params)
+        data[kind][:] = keep
+    return removed

@@ -174,3 +174,78 @@ def test_job_against_real_sidecar(daemon, mem_dir):
     assert job2.failed
     assert job2.base == [{"spm": pytest.approx(0.7), "spm2": 1.0}, {"spm": 0.0, "spm2": 1.0}]
     assert "full erasure" in job2.infotext_params()["SPM note"]
+
+
+def test_cached_gates_marked_when_sidecar_dies(mem_dir):
+    d = start_daemon(mem_dir)
+    c = GateClient(d.url, timeout=2)
+    live = c.gates(["a dog", "a photo of pikachu"], ["spm"])
+    assert live.sources == ["sidecar", "sidecar"] and not live.degraded
+    again = c.gates(["a dog"], ["spm"])  # cached, sidecar up: a health check, no /v1/gate
+    assert again.sources == ["sidecar"] and c.requests_made == 1 and not again.reason
+    d.kill()
+    r = c.gates(["a dog"], ["spm"])
+    assert r.sources == ["cache"] and not r.failed and "unreachable" in r.reason
+    assert r.gates == [live.gates[0]]
+    r = c.gates(["a photo of pikachu", "a horse"], ["spm"])
+    assert r.sources == ["cache", "forced"] and r.failed
+    assert r.gates == [live.gates[1], {"spm": 1.0}]
+
+
+class Recorder(BaseHTTPRequestHandler):
+    bodies = []
+
+    def do_POST(self):
+        import json
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        Recorder.bodies.append(body)
+        res = [{"prompt": p, "gates": {n: {"strength": 0.25, "rate": 0.5} for n in body["membranes"]}}
+               for p in body["prompts"]]
+        out = json.dumps({"results": res}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+    def log_message(self, *a):
+        pass
+
+
+def test_always_on_membranes_use_strict_normalisation():
+    """Always-on (moderation) membranes are asked with "normalize": "strict", SPMs
+    named in the prompt with the sidecar's default (the field left out)."""
+    Recorder.bodies = []
+    srv = HTTPServer(("127.0.0.1", 0), Recorder)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        c = GateClient(f"http://127.0.0.1:{srv.server_port}", timeout=2)
+        files = {"spm": "/m/spm.safetensors", "mod": "/m/mod.safetensors"}
+        job = compute_job(["pi\u200bka\u200bchu <lora:spm:1>", "a cat"], None, {"mod": 1.0}, files.get,
+                          lambda p: True, c, "clipcos_tokenuni", "reference")
+        strict, plain = Recorder.bodies
+        assert strict["membranes"] == ["mod"] and strict["normalize"] == "strict"
+        assert plain["membranes"] == ["spm"] and "normalize" not in plain
+        assert strict["prompts"] == plain["prompts"] == ["pi\u200bka\u200bchu ", "a cat"]
+        assert job.base == [{"mod": 0.25, "spm": 0.25}, {"mod": 0.25, "spm": 0.0}]
+        # only always-on membranes: one strict request; the cache key includes the normalisation
+        compute_job(["a cat"], None, {"mod": 1.0}, files.get, lambda p: True, c, "clipcos_tokenuni", "reference")
+        assert len(Recorder.bodies) == 2  # cached
+        c.gates(["a cat"], ["mod"])  # same prompt, reference normalisation: not the cached strict answer
+        assert len(Recorder.bodies) == 3 and "normalize" not in Recorder.bodies[-1]
+        # a membrane both always-on and named in the prompt is gated strictly
+        compute_job(["a dog <lora:mod:1>"], None, {"mod": 0.5}, files.get, lambda p: True, c,
+                    "clipcos_tokenuni", "reference")
+        assert Recorder.bodies[-1]["normalize"] == "strict" and Recorder.bodies[-1]["membranes"] == ["mod"]
+    finally:
+        srv.shutdown()
+
+
+def test_strict_normalisation_against_real_sidecar(daemon):
+    """With the real sidecar: a zero-width-split spelling gets the strict gate of the
+    plain spelling (skipped while the sidecar predates the "normalize" field)."""
+    c = GateClient(daemon.url, timeout=5)
+    r = c.gates(["a photo of pi\u200bka\u200bchu", "a photo of pikachu"], ["spm"], normalize="strict")
+    if r.failed and "400" in r.reason and "normalize" in r.reason:
+        pytest.skip(f"this spm binary does not accept \"normalize\" yet: {r.reason}")
+    assert not r.failed, r.reason
+    assert r.gates[0]["spm"] == pytest.approx(r.gates[1]["spm"])

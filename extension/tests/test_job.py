@@ -9,7 +9,7 @@ class Stub:
         self.calls = []
         self.strength, self.failed = strength, failed
 
-    def gates(self, prompts, membranes, metric, curve):
+    def gates(self, prompts, membranes, metric, curve, normalize="reference"):
         self.calls.append((list(prompts), list(membranes)))
         s = 1.0 if self.failed else self.strength
         return GateResult([{n: s for n in membranes} for _ in prompts], failed=self.failed,

@@ -255,7 +255,7 @@ def test_hires_pass_uses_hires_prompt_gates(webui):
                                   hr_prompts=["a photo of pikachu <lora:spm:1>"])
     script = S.SpmFacilitatedTransport()
     script.process(p, True)
-    assert p.all_hr_prompts == ["a photo of pikachu "]
+    assert p.all_hr_prompts == ["a photo of pikachu <lora:spm:1>"]  # the infotext keeps the tag
     script.before_process_batch(p, True, batch_number=0, prompts=p.start_batch(0), seeds=[], subseeds=[])
     g = gates_for(["a dog ", "a photo of pikachu "], ["spm"], d.url).gates
     for hires, want in ((False, g[0]["spm"]), (True, g[1]["spm"])):
@@ -290,3 +290,155 @@ def test_no_cfg_callback_falls_back_to_batch_max(webui, capsys):
     # the infotext still records each image's own gate
     assert p.extra_generation_params["SPM gates"](p=p, index=1) == f"spm={0.5 * g[1]['spm']:.2f}"
     script.postprocess(p, None)
+
+
+# ---------------------------------------------------------------------------
+# Whole jobs through the fake WebUI's real contracts (tests/fake_webui: settings
+# drawing rule, ScriptRunner argument passing, processing order, infotext
+# callables with batch-relative indices). Expected gates come from the sidecar
+# itself (GateClient), expected UNet outputs from merged weights (reference()).
+
+from modules import extra_networks, processing, scripts, ui_settings  # noqa: E402
+
+
+def test_settings_page_draws_every_option():
+    """The WebUI draws every option when it builds the settings UI; A1111 and Forge
+    raise on a default that is not str/int/bool without a component
+    (modules/ui_settings.py:22-40 / Forge :23-41)."""
+    drawn = ui_settings.create_ui()
+    ours = [k for k in shared.opts.data_labels if k.startswith("spm_ft_")]
+    assert sorted(ours) == sorted(S.DEFAULTS)
+    t = drawn["spm_ft_timeout"]
+    assert type(t).__name__ == "Slider" and t.kwargs["minimum"] <= S.DEFAULTS["spm_ft_timeout"] <= t.kwargs["maximum"]
+    assert type(drawn["spm_ft_port"]).__name__ == "Number" and type(drawn["spm_ft_url"]).__name__ == "Textbox"
+    assert drawn["spm_ft_metric"].kwargs["choices"][0] == "clipcos_tokenuni"
+    # the rule itself: the bug of issue 11 (a float default, no component) fails here
+    shared.opts.add_option("spm_ft_probe", shared.OptionInfo(2.0, "probe"))
+    try:
+        with pytest.raises(Exception, match="bad options item type"):
+            ui_settings.create_setting_component("spm_ft_probe")
+    finally:
+        del shared.opts.data_labels["spm_ft_probe"]
+        del shared.opts.data["spm_ft_probe"]
+
+
+def test_callbacks_use_the_real_signatures(webui, monkeypatch):
+    d, _ = webui
+    assert set(script_callbacks.callbacks) >= {"ui_settings", "cfg_denoiser", "app_started", "script_unloaded"}
+
+    class App:  # FastAPI's app.get(path) decorator
+        routes = {}
+
+        def get(self, path, **kw):
+            def deco(fn):
+                self.routes[path] = fn
+                return fn
+            return deco
+
+    app = App()
+    monkeypatch.setattr(S, "start_sidecar", lambda: None)  # no binary configured
+    script_callbacks.app_started_callback(None, app)  # --nowebui: demo is None
+    assert app.routes["/spm-ft/v1/status"]()["health"]["status"] == "ok"
+    with pytest.raises(TypeError):
+        script_callbacks.on_ui_settings(lambda: None, "positional name")
+
+
+def a1111_sampler(unet, record):
+    """``sample(p, x)`` for processing.process_images: one CFG step of A1111's
+    CFGDenoiser (x_in = cond rows per AND sub-prompt, then uncond rows;
+    sd_samplers_cfg_denoiser.py:202-212), one inner_model call, recorded per row."""
+    def sample(p, x):
+        x_in, out, reps = run_a1111_batch(None, p, unet, x, lambda n, b: [(0, n)])
+        record.append((p.iteration, p.is_hr_pass, x_in, out, reps))
+        return x + 0.01 * out[: len(x)]
+    return sample
+
+
+def job_runner(unet_model, ui=(True,)):
+    script = S.SpmFacilitatedTransport()
+    runner = scripts.ScriptRunner([script], [list(ui)])
+    lora = networks.ExtraNetworkLora()
+    extra_networks.registry.clear()
+    extra_networks.registry.update({"lora": lora, "lyco": lora})
+    return runner, lora
+
+
+def check_rows(record, unet, factors, want):
+    """Every recorded UNet row against the merged reference at the gate of its sample."""
+    for it, hires, x_in, out, reps in record:
+        layout = [i for i, r in enumerate(reps) for _ in range(r)] + list(range(len(reps)))
+        for r, s in enumerate(layout):
+            ref = reference(unet, x_in[r:r + 1], {"spm": want[(it, hires)][s]}, factors)
+            torch.testing.assert_close(out[r:r + 1], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_n_iter_2_infotext_gates_per_image(webui):
+    """Issue 11: with n_iter > 1 the infotext callable gets the index within the batch
+    (processing.py:1026-1027); the gates written must be each image's own."""
+    d, factors = webui
+    torch.manual_seed(7)
+    unet = TinyUNet()
+    prompts = ["a photo of pikachu <lora:spm:1>", "a cat <lora:spm:1>", "a cat <lora:spm:0.5>", "pikachu <lora:spm:1>"]
+    runner, lora = job_runner(None)
+    p = StableDiffusionProcessing(prompts, 2, A1111Model(unet), scripts=runner, n_iter=2)
+    record = []
+    res = processing.process_images(p, a1111_sampler(unet, record))
+    clean = ["a photo of pikachu ", "a cat ", "a cat ", "pikachu "]
+    g = [x["spm"] for x in gates_for(clean, ["spm"], d.url).gates]
+    want_img = [g[0], g[1], 0.5 * g[2], g[3]]
+    assert want_img[0] != want_img[1]  # a concept prompt and an unrelated one
+    texts = [info["SPM gates"] for _, info in res.infotexts]
+    assert texts == [f"spm={w:.2f}" for w in want_img]
+    # Processed.infotext (job index, processing.py:609-610) agrees
+    assert [res.infotext(p, i)[1]["SPM gates"] for i in range(4)] == texts
+    assert [prompt for prompt, _ in res.infotexts] == prompts  # the user's prompts, tags kept
+    check_rows(record, unet, factors, {(0, False): want_img[:2], (1, False): want_img[2:]})
+    assert lora.loaded == [[], []]  # the built-in loader never loads the SPM
+
+
+def test_hires_prompt_keeps_tag_and_builtin_never_loads_spm(webui):
+    """Issue 11: the hires prompt in the infotext keeps the SPM tag (so pasting it back
+    keeps the membrane); the built-in loader gets neither the base nor the hires SPM."""
+    d, factors = webui
+    torch.manual_seed(8)
+    unet = TinyUNet()
+    runner, lora = job_runner(None)
+    p = StableDiffusionProcessing(["a dog <lora:spm:1> <lora:style:1>", "a cat"], 2, A1111Model(unet),
+                                  hr_prompts=["a photo of pikachu <lora:spm:0.8>", "a cat"], scripts=runner)
+    record = []
+    res = processing.process_images(p, a1111_sampler(unet, record))
+    g = [x["spm"] for x in gates_for(["a dog  <lora:style:1>", "a cat", "a photo of pikachu ", "a cat"],
+                                     ["spm"], d.url).gates]
+    info0 = res.infotexts[0][1]
+    assert info0["Hires prompt"] == "a photo of pikachu <lora:spm:0.8>"
+    assert info0["SPM gates"] == f"spm={g[0]:.2f}" and info0["SPM hires gates"] == f"spm={0.8 * g[2]:.2f}"
+    assert "Hires prompt" not in res.infotexts[1][1]  # same as its prompt
+    assert lora.loaded == [["style"], []]  # base pass: only the plain LoRA; hires pass: nothing
+    assert p.hr_prompts == ["a photo of pikachu ", "a cat"]  # the WebUI's own parse removed the tags
+    check_rows(record, unet, factors, {(0, False): [g[0], 0.0], (0, True): [0.8 * g[2], 0.0]})
+
+
+def test_dead_sidecar_cached_gates_are_marked(webui):
+    """Issue 11: after the sidecar dies, prompts still in the client cache keep their
+    gates, and the infotext says so per image; an uncached prompt fails closed."""
+    d, factors = webui
+    unet = TinyUNet()
+    runner, _ = job_runner(None)
+    p = StableDiffusionProcessing(["a photo of pikachu <lora:spm:1>", "a dog <lora:spm:1>"], 2, A1111Model(unet),
+                                  scripts=runner)
+    first = processing.process_images(p, a1111_sampler(unet, []))
+    assert "SPM gate source" not in first.infotexts[0][1]
+    d.kill()
+    p = StableDiffusionProcessing(["a photo of pikachu <lora:spm:1>", "a horse <lora:spm:0.7>"], 2, A1111Model(unet),
+                                  scripts=runner)
+    record = []
+    res = processing.process_images(p, a1111_sampler(unet, record))
+    (_, a), (_, b) = res.infotexts
+    assert a["SPM gates"] == first.infotexts[0][1]["SPM gates"] and a["SPM gate source"] == "cache"
+    assert b["SPM gates"] == "spm=0.70" and b["SPM gate source"] == "forced 1.0"
+    assert "client cache" in a["SPM note"] and "full erasure" in a["SPM note"]
+    # all cached: a health check notices the dead sidecar
+    p = StableDiffusionProcessing(["a dog <lora:spm:1>"], 1, A1111Model(unet), scripts=runner)
+    (_, c), = processing.process_images(p, a1111_sampler(unet, [])).infotexts
+    assert c["SPM gate source"] == "cache" and c["SPM gates"] == first.infotexts[1][1]["SPM gates"]
+    assert c["SPM note"].startswith("sidecar unreachable, gates from the client cache")
