@@ -8,18 +8,17 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::io::{Seek, SeekFrom, Write};
-use std::os::unix::fs::FileExt;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::adapter::{Adapter, Module};
 use crate::error::{Error, Result};
-use crate::io::output::{AtomicDir, AtomicFile};
+use crate::io::output::{check_folder_replace, AtomicDir, AtomicFile};
 use crate::io::safetensors::{encode_header, read_header, Header, TensorInfo};
 
-use crate::schemes::{Component, ModuleSpec};
+use crate::schemes::{Arch, Component, ModuleSpec};
 
 /// An adapter with its bake weight (ΔW multiplier, linear).
 pub struct Input<'a> {
@@ -43,6 +42,7 @@ pub struct BakeReport {
 
 /// One contribution to a checkpoint tensor.
 struct Delta<'a> {
+    adapter: &'a Adapter,
     module: &'a Module,
     weight: f32,
     /// For OpenCLIP's fused `in_proj`: which block of rows (q, k or v).
@@ -97,6 +97,24 @@ pub fn bake(
 ) -> Result<BakeReport> {
     for i in inputs {
         i.adapter.ensure_plain("baked")?;
+    }
+    // Architectures first: SD1 and SD2 share every UNet name, and tiny or
+    // pruned models can share shapes too, so a mismatch would otherwise
+    // bake "successfully" into the wrong network.
+    if let Some((arch, why)) = base_arch(base)? {
+        for i in inputs {
+            if i.adapter.arch != arch {
+                return Err(Error::usage(format!(
+                    "{} is an {} adapter ({}) but the base {} is an {} checkpoint ({}); bake needs both of one architecture (--arch overrides the adapter's detection)",
+                    i.adapter.path.display(),
+                    i.adapter.arch.name(),
+                    i.adapter.arch_reason,
+                    base.display(),
+                    arch.name(),
+                    why
+                )));
+            }
+        }
     }
     // Per input, per module: whether it found its weight in some file.
     let mut hit: Vec<Vec<bool>> = inputs
@@ -193,9 +211,19 @@ fn bake_diffusers(
         layout: "diffusers folder".into(),
         ..Default::default()
     };
-    let dir = AtomicDir::create(out)?;
     let mut files = Vec::new();
     walk(base, &mut files).map_err(|e| Error::io(base, e))?;
+    let ours = files
+        .iter()
+        .map(|f| {
+            f.strip_prefix(base)
+                .expect("walked under base")
+                .to_path_buf()
+        })
+        .collect();
+    // Refuse before any work when --force would have to drop foreign files.
+    check_folder_replace(out, &ours)?;
+    let dir = AtomicDir::create(out)?;
     for src in files {
         let rel = src.strip_prefix(base).expect("walked under base");
         let dst = dir.path().join(rel);
@@ -221,7 +249,11 @@ fn bake_diffusers(
                 report.files += 1;
             }
             _ => {
-                std::fs::copy(&src, &dst).map_err(|e| Error::io(&src, e))?;
+                // Not fs::copy: that would carry the source's permission bits
+                // over; the output gets those of a fresh file (umask).
+                let mut from = File::open(&src).map_err(|e| Error::io(&src, e))?;
+                let mut to = File::create(&dst).map_err(|e| Error::io(&dst, e))?;
+                std::io::copy(&mut from, &mut to).map_err(|e| Error::io(&dst, e))?;
             }
         }
     }
@@ -278,6 +310,7 @@ fn bake_file(
                 .find(|(key, _)| names.contains_key(key.as_str()));
             if let Some((key, rows)) = found {
                 plan.entry(key).or_default().push(Delta {
+                    adapter: input.adapter,
                     module: m,
                     weight: input.weight,
                     rows,
@@ -368,25 +401,15 @@ fn write_streamed(
             let mut scratch = Vec::new();
             for (t, deltas, off) in &jobs {
                 apply(src, &input, t, deltas, &mut scratch)?;
-                writer
-                    .write_all_at(&scratch, *off)
-                    .map_err(|e| Error::io(src, e))?;
+                write_at(&writer, &scratch, *off).map_err(|e| Error::io(src, e))?;
                 bar.inc(t.end - t.start);
             }
             Ok(())
         });
         let copied = (|| -> Result<()> {
             for (start, end, off) in &runs {
-                let mut from = &input;
-                from.seek(SeekFrom::Start(*start))
+                copy_range(&input, dst, *start, *end - *start, *off)
                     .map_err(|e| Error::io(src, e))?;
-                dst.seek(SeekFrom::Start(*off))
-                    .map_err(|e| Error::io(src, e))?;
-                let n = std::io::copy(&mut std::io::Read::take(from, end - start), dst)
-                    .map_err(|e| Error::io(src, e))?;
-                if n != end - start {
-                    return Err(Error::file(src, "file shrank while being read"));
-                }
                 bar.inc(end - start);
             }
             Ok(())
@@ -449,14 +472,16 @@ fn apply(
             None => (0, out_dim),
         };
         if d_in != per_row || u_out != rows || row0 + rows > out_dim {
-            return Err(Error::key(
-                src,
-                &t.name,
-                format!(
-                    "adapter factors down {:?} / up {:?} do not fit weight {:?}",
-                    down.shape, up.shape, t.shape
-                ),
-            ));
+            return Err(Error::usage(format!(
+                "{} module {}: factors down {:?} / up {:?} do not fit {} tensor {} of shape {:?}",
+                d.adapter.path.display(),
+                d.adapter.inventory().flat_name(m.index, false),
+                down.shape,
+                up.shape,
+                src.display(),
+                t.name,
+                t.shape
+            )));
         }
         let scale = (d.weight as f64 * m.scale().unwrap_or(1.0)) as f32;
         prepared.push(Prepared {
@@ -476,9 +501,7 @@ fn apply(
     // each cost page faults that showed up as system time. (Reading through
     // a memory map instead was measured slower: 122k page faults.)
     buf.resize((t.end - t.start) as usize, 0);
-    input
-        .read_exact_at(buf, t.start)
-        .map_err(|e| Error::io(src, e))?;
+    read_at(input, buf, t.start).map_err(|e| Error::io(src, e))?;
     if per_row == 0 {
         return Ok(());
     }
@@ -603,10 +626,190 @@ where
 /// Reserve the output's full size up front so that the two writers fill
 /// allocated extents instead of growing a sparse file from both ends.
 /// Best effort: filesystems without fallocate just skip it.
+#[cfg(target_os = "linux")]
 fn preallocate(file: &File, len: u64) {
     use std::os::unix::io::AsRawFd;
     // SAFETY: plain syscall on a valid, open file descriptor.
     let _ = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len as libc::off_t) };
+}
+
+/// Elsewhere the length is set (Windows allocates the clusters of a file
+/// extended this way; macOS and the BSDs keep it sparse, which is correct).
+#[cfg(not(target_os = "linux"))]
+fn preallocate(file: &File, len: u64) {
+    let _ = file.set_len(len);
+}
+
+// Positioned I/O, so that the copying thread and the weight worker can share
+// the two files without sharing a cursor. Unix has pread/pwrite; Windows'
+// seek_read/seek_write take the offset per call too (they also move the
+// handle's cursor, which no caller here relies on).
+
+#[cfg(unix)]
+fn read_at(f: &File, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::read_exact_at(f, buf, off)
+}
+
+#[cfg(unix)]
+fn write_at(f: &File, buf: &[u8], off: u64) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::write_all_at(f, buf, off)
+}
+
+#[cfg(windows)]
+fn read_at(f: &File, mut buf: &mut [u8], mut off: u64) -> std::io::Result<()> {
+    use std::os::windows::fs::FileExt;
+    while !buf.is_empty() {
+        match f.seek_read(buf, off) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => {
+                buf = &mut buf[n..];
+                off += n as u64;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(windows)]
+fn write_at(f: &File, mut buf: &[u8], mut off: u64) -> std::io::Result<()> {
+    use std::os::windows::fs::FileExt;
+    while !buf.is_empty() {
+        match f.seek_write(buf, off) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                buf = &buf[n..];
+                off += n as u64;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Copy `len` bytes at `from_off` of `from` to `to_off` of `to`. On Linux
+/// through the kernel (seek, then `io::copy`, which becomes
+/// `copy_file_range`); elsewhere in 4 MiB positioned chunks, which is what
+/// `io::copy` would do there anyway, without touching a shared cursor.
+#[cfg(target_os = "linux")]
+fn copy_range(
+    from: &File,
+    to: &mut File,
+    from_off: u64,
+    len: u64,
+    to_off: u64,
+) -> std::io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut src = from;
+    src.seek(SeekFrom::Start(from_off))?;
+    to.seek(SeekFrom::Start(to_off))?;
+    let n = std::io::copy(&mut src.take(len), to)?;
+    if n != len {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "file shrank while being read",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn copy_range(
+    from: &File,
+    to: &mut File,
+    from_off: u64,
+    len: u64,
+    to_off: u64,
+) -> std::io::Result<()> {
+    copy_range_positioned(from, to, from_off, len, to_off)
+}
+
+#[cfg_attr(target_os = "linux", allow(dead_code))]
+fn copy_range_positioned(
+    from: &File,
+    to: &File,
+    from_off: u64,
+    len: u64,
+    to_off: u64,
+) -> std::io::Result<()> {
+    let mut buf = vec![0u8; (4 << 20).min(len as usize)];
+    let mut done = 0u64;
+    while done < len {
+        let n = buf.len().min((len - done) as usize);
+        read_at(from, &mut buf[..n], from_off + done)?;
+        write_at(to, &buf[..n], to_off + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+/// The architecture of a base checkpoint, with the reason, from what every
+/// checkpoint of that family carries: text-encoder key prefixes or SDXL's
+/// `label_emb` (single files), the UNet config (diffusers folders), and the
+/// projection layout (1×1 conv in SD1, linear in SD2/SDXL) as a last resort.
+/// `None` when nothing tells.
+pub fn base_arch(base: &Path) -> Result<Option<(Arch, String)>> {
+    if base.is_dir() {
+        let cfg_path = base.join("unet").join("config.json");
+        let Ok(text) = std::fs::read_to_string(&cfg_path) else {
+            return Ok(None);
+        };
+        let cfg: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::file(&cfg_path, format!("bad JSON: {e}")))?;
+        if cfg.get("addition_embed_type").and_then(|v| v.as_str()) == Some("text_time") {
+            return Ok(Some((
+                Arch::Sdxl,
+                "unet/config.json addition_embed_type text_time".into(),
+            )));
+        }
+        return Ok(
+            match cfg.get("cross_attention_dim").and_then(|v| v.as_u64()) {
+                Some(768) => Some((Arch::Sd1, "unet/config.json cross_attention_dim 768".into())),
+                Some(1024) => Some((
+                    Arch::Sd2,
+                    "unet/config.json cross_attention_dim 1024".into(),
+                )),
+                _ => match cfg.get("use_linear_projection").and_then(|v| v.as_bool()) {
+                    Some(true) => Some((
+                        Arch::Sd2,
+                        "unet/config.json use_linear_projection true".into(),
+                    )),
+                    Some(false) => Some((
+                        Arch::Sd1,
+                        "unet/config.json use_linear_projection false".into(),
+                    )),
+                    None => None,
+                },
+            },
+        );
+    }
+    if base.extension().and_then(|e| e.to_str()) != Some("safetensors") {
+        return Ok(None);
+    }
+    let header = read_header(base)?;
+    let has = |prefix: &str| header.tensors.iter().any(|t| t.name.starts_with(prefix));
+    if has("conditioner.embedders.") || has("model.diffusion_model.label_emb.") {
+        return Ok(Some((
+            Arch::Sdxl,
+            "SDXL conditioner / label_emb keys".into(),
+        )));
+    }
+    if has("cond_stage_model.model.") {
+        return Ok(Some((Arch::Sd2, "OpenCLIP text-encoder keys".into())));
+    }
+    if has("cond_stage_model.transformer.") {
+        return Ok(Some((Arch::Sd1, "CLIP ViT-L text-encoder keys".into())));
+    }
+    let proj = header
+        .tensors
+        .iter()
+        .find(|t| t.name == "model.diffusion_model.input_blocks.1.1.proj_in.weight");
+    Ok(proj.map(|t| match t.shape.len() {
+        4 => (Arch::Sd1, "proj_in is a 1×1 conv".to_string()),
+        _ => (Arch::Sd2, "proj_in is linear".to_string()),
+    }))
 }
 
 #[cfg(test)]

@@ -202,10 +202,13 @@ pub fn render(
         }
     }
     if !lossy.is_empty() && !opts.allow_lossy {
+        let shown: Vec<&str> = lossy.iter().take(3).map(String::as_str).collect();
         return Err(Error::usage(format!(
-            "converting to {} would lose data; pass --allow-lossy to accept:\n  {}",
+            "converting to {} would lose data ({} item(s): {}{}); pass --allow-lossy to accept",
             opts.to.name(),
-            lossy.join("\n  ")
+            lossy.len(),
+            shown.join("; "),
+            if lossy.len() > 3 { "; …" } else { "" }
         )));
     }
     let metadata = build_metadata(arch, modules, metadata_in, opts, &kept);

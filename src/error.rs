@@ -27,6 +27,9 @@ pub enum Error {
     /// The request cannot be honoured as asked (bad flags, lossy output, …).
     #[error("{0}")]
     Usage(String),
+    /// The request that asked for the work went away (timeout, disconnect).
+    #[error("cancelled: the request ended before the work did")]
+    Cancelled,
 }
 
 /// Short alias used across the crate.

@@ -14,7 +14,7 @@ use spm::bake::{self, BakeReport};
 use spm::convert::{self, ConvertOptions, Curve};
 use spm::error::{Error, Result};
 use spm::inspect;
-use spm::io::output::{check_output, AtomicFile};
+use spm::io::output::{check_output, AtomicFile, OutputKind};
 use spm::io::safetensors::write_tensors;
 use spm::io::tensor::{Dtype, RawTensor};
 use spm::merge;
@@ -22,6 +22,7 @@ use spm::schemes::{Arch, Scheme};
 use spm::serve::{self as daemon, ServeConfig};
 use spm::transport::clip::{Activation, LoadOptions};
 use spm::transport::gate::{GateOptions, Membrane, Metric};
+use spm::transport::strict::Normalize;
 use spm::transport::{build_engine, EngineSpec};
 
 /// Concept Semi-Permeable Membranes (SPM) for Stable Diffusion.
@@ -102,10 +103,10 @@ enum Command {
     Inspect {
         /// A .safetensors file, or a PyTorch .pt/.ckpt state dict (read as data, never executed).
         file: PathBuf,
-        /// Architecture; `auto` detects it from module names and shapes.
+        /// Architecture; `auto` detects it from module names, then shapes, then metadata.
         #[arg(long, value_enum, default_value = "auto")]
         arch: ArchArg,
-        /// Print the report as JSON.
+        /// Print the report as JSON (for scripts).
         #[arg(long)]
         json: bool,
     },
@@ -130,33 +131,38 @@ enum Command {
     /// scales only lora_up (delta × m, like a WebUI LoRA weight).
     #[command(verbatim_doc_comment)]
     Convert {
+        /// The adapter to convert: .safetensors, or a PyTorch .pt/.ckpt state dict (read as data).
         input: PathBuf,
-        /// Output file (never one of the inputs; atomic write).
+        /// Output .safetensors file: never an input, never inside an input folder; written
+        /// atomically (a temp file beside it, then renamed).
         #[arg(short, long)]
         output: PathBuf,
+        /// Scheme to write (see above).
         #[arg(long, value_enum)]
         to: Scheme,
+        /// Architecture of the input; `auto` detects it from names, shapes, metadata.
         #[arg(long, value_enum, default_value = "auto")]
         arch: ArchArg,
         /// Cast floating-point tensors (alpha too).
         #[arg(long, value_enum, default_value = "keep")]
         dtype: DtypeArg,
-        /// Bake a static strength m into the factors (see --curve).
-        #[arg(long)]
+        /// Bake a static strength m ≥ 0 into the factors (see --curve).
+        #[arg(long, value_parser = non_negative_f32)]
         strength: Option<f32>,
         /// How --strength scales the delta: reference (m², SPM's code) or linear (m).
         #[arg(long, value_enum, default_value = "reference")]
         curve: Curve,
-        /// Accept output that drops layers or rounds alphas (diffusers-old).
+        /// Accept output that drops layers or rounds alphas (diffusers-old); one summary line
+        /// is printed, the full list with -v or --json.
         #[arg(long)]
         allow_lossy: bool,
         /// Drop keys that map to no module instead of failing.
         #[arg(long)]
         allow_unknown: bool,
-        /// Replace an existing output file.
+        /// Replace an existing output file (never an input, never a folder).
         #[arg(long)]
         force: bool,
-        /// Print a JSON summary.
+        /// Print a JSON summary (for scripts).
         #[arg(long)]
         json: bool,
     },
@@ -171,21 +177,26 @@ enum Command {
         /// Two or more adapters of the same architecture.
         #[arg(required = true, num_args = 1..)]
         inputs: Vec<PathBuf>,
+        /// Output .safetensors file: never an input, never inside an input folder; atomic write.
         #[arg(short, long)]
         output: PathBuf,
-        /// Weights, one per input (delta multipliers), e.g. 1,0.5. Default 1 each.
-        #[arg(long, value_delimiter = ',')]
+        /// Weights, one per input (delta multipliers), e.g. "1,0.5" or "1, -0.5". Default 1
+        /// each. A negative weight subtracts that adapter's delta; NaN/inf are refused.
+        #[arg(long, value_delimiter = ',', value_parser = finite_f32, allow_hyphen_values = true)]
         weights: Vec<f32>,
         /// Scheme of the merged file.
         #[arg(long, value_enum, default_value = "kohya")]
         to: Scheme,
+        /// Architecture of the inputs; `auto` detects it per file.
         #[arg(long, value_enum, default_value = "auto")]
         arch: ArchArg,
         /// Output dtype; `keep` picks the widest input dtype.
         #[arg(long, value_enum, default_value = "keep")]
         dtype: DtypeArg,
+        /// Replace an existing output file (never an input, never a folder).
         #[arg(long)]
         force: bool,
+        /// Print a JSON summary (for scripts).
         #[arg(long)]
         json: bool,
     },
@@ -198,24 +209,31 @@ enum Command {
     /// checkpoint is reported.
     #[command(verbatim_doc_comment)]
     Bake {
-        /// The checkpoint (.safetensors file or diffusers folder).
+        /// The checkpoint (.safetensors file or diffusers folder); read, never modified.
         #[arg(long)]
         base: PathBuf,
         /// Adapters to bake in.
         #[arg(required = true, num_args = 1..)]
         inputs: Vec<PathBuf>,
+        /// Output: a .safetensors file for a single-file base, a folder for a diffusers base.
+        /// Never an input, never inside one, never a folder holding one.
         #[arg(short, long)]
         output: PathBuf,
-        /// Weights, one per adapter (delta multipliers). Default 1 each.
-        #[arg(long, value_delimiter = ',')]
+        /// Weights, one per adapter (delta multipliers), e.g. "1,0.5". Default 1 each. A
+        /// negative weight subtracts the delta; NaN/inf are refused.
+        #[arg(long, value_delimiter = ',', value_parser = finite_f32, allow_hyphen_values = true)]
         weights: Vec<f32>,
+        /// Architecture of the adapters; `auto` detects it. It must match the base's.
         #[arg(long, value_enum, default_value = "auto")]
         arch: ArchArg,
         /// Fail when an adapter module finds no weight in the checkpoint.
         #[arg(long)]
         strict: bool,
+        /// Replace an existing output of the same kind. A folder is swapped in whole and only
+        /// when it holds nothing but what bake writes; other files are never touched.
         #[arg(long)]
         force: bool,
+        /// Print the report as JSON (for scripts).
         #[arg(long)]
         json: bool,
     },
@@ -244,6 +262,7 @@ enum Command {
         encoder: EncoderArgs,
         #[command(flatten)]
         gate: GateArgs,
+        /// Print the gates as JSON (for scripts).
         #[arg(long)]
         json: bool,
     },
@@ -251,16 +270,20 @@ enum Command {
     ///
     /// Binds to 127.0.0.1 by default. Endpoints: GET /healthz,
     /// GET /v1/membranes, POST /v1/gate {"prompts":[…], "membranes"?:[…],
-    /// "metric"?, "curve"?, "facilitate"?}, POST /v1/reload. Every error is
-    /// JSON with a 4xx/5xx status. Stops cleanly on Ctrl-C / SIGTERM.
+    /// "metric"?, "curve"?, "facilitate"?, "normalize"?}, POST /v1/reload.
+    /// Every error is JSON with a 4xx/5xx status. Stops cleanly on
+    /// Ctrl-C / SIGTERM.
     #[command(verbatim_doc_comment)]
     Serve {
+        /// Address to bind: an IP or a host name such as localhost. Anything but loopback is
+        /// reachable from other machines: set --token then.
         #[arg(long, default_value = "127.0.0.1")]
         host: String,
         /// Port; 0 picks a free one (the address is printed when ready).
         #[arg(long, default_value_t = 7862)]
         port: u16,
-        /// Folder of membrane files; rescanned by POST /v1/reload.
+        /// Folder of membrane files, scanned with its subfolders (names are file stems, as
+        /// A1111 shows LoRAs); rescanned by POST /v1/reload. Must exist.
         #[arg(long)]
         membranes: Option<PathBuf>,
         #[command(flatten)]
@@ -276,7 +299,14 @@ enum Command {
         /// Most prompts in one /v1/gate request.
         #[arg(long, default_value_t = 64)]
         max_prompts: usize,
-        /// Time limit of one request's gate computation.
+        /// Most sub-prompts (prompts and their AND parts) in one request; each costs a
+        /// text-encoder pass.
+        #[arg(long, default_value_t = 256)]
+        max_subprompts: usize,
+        /// Most tokens (before CLIP's 77-token cut) over all prompts of one request.
+        #[arg(long, default_value_t = 32768)]
+        max_tokens: usize,
+        /// Time limit of one request, body and gate computation (abandoned work is cancelled).
         #[arg(long, default_value_t = 10_000)]
         timeout_ms: u64,
         /// Gate computations running at once (others wait up to the timeout).
@@ -339,9 +369,14 @@ struct GateArgs {
     /// Strength from rate: reference (m², SPM's code) or linear (m).
     #[arg(long, value_enum, default_value = "reference")]
     curve: Curve,
-    /// Multiply every rate by this factor (SPM's --facilitate_factor).
-    #[arg(long, default_value_t = 1.0)]
+    /// Multiply every rate by this factor ≥ 0 (SPM's --facilitate_factor).
+    #[arg(long, default_value_t = 1.0, value_parser = non_negative_f64)]
     facilitate: f64,
+    /// Prompt text as typed (reference), or folded first (strict): NFKC, zero-width
+    /// characters and combining marks removed, confusable letters mapped to Latin, so that
+    /// "pi\u{200b}ka\u{200b}chu" still gates like "pikachu".
+    #[arg(long, value_enum, default_value = "reference")]
+    normalize: Normalize,
 }
 
 impl GateArgs {
@@ -355,6 +390,7 @@ impl GateArgs {
             metric,
             curve: self.curve,
             facilitate: self.facilitate,
+            normalize: self.normalize,
         }
     }
 }
@@ -372,6 +408,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only on a terminal, never in a log file or pipe.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .without_time()
         .init();
@@ -382,6 +420,41 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A finite number; spaces around it are fine ("1, 0.5").
+fn finite_f32(s: &str) -> std::result::Result<f32, String> {
+    let v: f32 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{}` is not a number", s.trim()))?;
+    if v.is_finite() {
+        Ok(v)
+    } else {
+        Err(format!("`{}`: must be a finite number", s.trim()))
+    }
+}
+
+fn non_negative_f32(s: &str) -> std::result::Result<f32, String> {
+    let v = finite_f32(s)?;
+    if v < 0.0 {
+        return Err(format!(
+            "`{}`: must be ≥ 0 (a membrane strength; under the reference curve -m acts as m)",
+            s.trim()
+        ));
+    }
+    Ok(v)
+}
+
+fn non_negative_f64(s: &str) -> std::result::Result<f64, String> {
+    let v: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{}` is not a number", s.trim()))?;
+    if !v.is_finite() || v < 0.0 {
+        return Err(format!("`{}`: must be a finite number ≥ 0", s.trim()));
+    }
+    Ok(v)
 }
 
 fn weights_for(weights: &[f32], n: usize) -> Result<Vec<f32>> {
@@ -440,7 +513,7 @@ fn run(cmd: Command) -> Result<()> {
             force,
             json,
         } => {
-            check_output(&output, &[&input], force)?;
+            check_output(&output, &[&input], OutputKind::File, force)?;
             let ad = Adapter::load(&input, arch.get())?;
             info!(
                 arch = ad.arch.name(),
@@ -478,8 +551,14 @@ fn run(cmd: Command) -> Result<()> {
                     r.tensors.len(),
                     size
                 );
-                for l in &r.lossy {
-                    println!("  lossy: {l}");
+                if !r.lossy.is_empty() {
+                    println!(
+                        "  lossy: {} item(s) dropped or approximated (listed with -v or --json)",
+                        r.lossy.len()
+                    );
+                    for l in &r.lossy {
+                        info!("lossy: {l}");
+                    }
                 }
             }
             Ok(())
@@ -494,8 +573,13 @@ fn run(cmd: Command) -> Result<()> {
             force,
             json,
         } => {
+            if inputs.len() < 2 {
+                return Err(Error::usage(
+                    "merge needs two or more inputs; to rename, cast or scale one file use `spm convert`",
+                ));
+            }
             let refs: Vec<&Path> = inputs.iter().map(PathBuf::as_path).collect();
-            check_output(&output, &refs, force)?;
+            check_output(&output, &refs, OutputKind::File, force)?;
             let weights = weights_for(&weights, inputs.len())?;
             let adapters = inputs
                 .iter()
@@ -537,7 +621,7 @@ fn run(cmd: Command) -> Result<()> {
                 let v = json!({
                     "inputs": inputs, "weights": weights, "output": output, "to": to.name(),
                     "arch": adapters[0].arch.name(), "modules": merged.modules.len(), "max_rank": rank,
-                    "bytes": size, "concepts": r.metadata.get("prompts"),
+                    "bytes": size, "concepts": spm::adapter::concepts_of(&r.metadata),
                 });
                 println!("{}", serde_json::to_string_pretty(&v).expect("json"));
             } else {
@@ -566,7 +650,12 @@ fn run(cmd: Command) -> Result<()> {
         } => {
             let mut refs: Vec<&Path> = inputs.iter().map(PathBuf::as_path).collect();
             refs.push(&base);
-            check_output(&output, &refs, force)?;
+            let kind = if base.is_dir() {
+                OutputKind::Folder
+            } else {
+                OutputKind::File
+            };
+            check_output(&output, &refs, kind, force)?;
             let weights = weights_for(&weights, inputs.len())?;
             let adapters = inputs
                 .iter()
@@ -659,12 +748,15 @@ fn run(cmd: Command) -> Result<()> {
             token,
             max_body_bytes,
             max_prompts,
+            max_subprompts,
+            max_tokens,
             timeout_ms,
             concurrency,
         } => {
-            let ip: std::net::IpAddr = host
-                .parse()
-                .map_err(|_| Error::usage(format!("--host {host}: not an IP address")))?;
+            let addr = resolve_host(&host, port)?;
+            if let Some(dir) = &membranes {
+                daemon::check_membranes_dir(dir)?;
+            }
             let (mut engine, info) = build_engine(&encoder.spec())?;
             let (good, bad) = match &membranes {
                 Some(dir) => daemon::scan_membranes(dir),
@@ -673,11 +765,13 @@ fn run(cmd: Command) -> Result<()> {
             engine.set_membranes(good)?;
             let n = engine.membranes().count();
             let cfg = ServeConfig {
-                addr: std::net::SocketAddr::new(ip, port),
+                addr,
                 membranes_dir: membranes,
                 token,
                 max_body_bytes,
                 max_prompts,
+                max_subprompts,
+                max_tokens,
                 timeout: std::time::Duration::from_millis(timeout_ms),
                 concurrency,
                 defaults: gate.options(info.is_some()),
@@ -692,4 +786,23 @@ fn run(cmd: Command) -> Result<()> {
             })
         }
     }
+}
+
+/// `--host`: an IP address, or a name resolved by the system (`localhost`).
+/// A name with a loopback address among its answers binds that one, so
+/// `localhost` stays loopback even where it also resolves elsewhere.
+fn resolve_host(host: &str, port: u16) -> Result<std::net::SocketAddr> {
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        return Ok(std::net::SocketAddr::new(ip, port));
+    }
+    let addrs: Vec<std::net::SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
+        .map_err(|e| Error::usage(format!("--host {host}: cannot resolve: {e}")))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.ip().is_loopback() && a.is_ipv4())
+        .or_else(|| addrs.iter().find(|a| a.ip().is_loopback()))
+        .or_else(|| addrs.first())
+        .copied()
+        .ok_or_else(|| Error::usage(format!("--host {host}: resolves to no address")))
 }

@@ -2,32 +2,42 @@
 //! WebUI extension.
 //!
 //! Safe by default: it binds to loopback, can require a bearer token, caps
-//! request bodies, the number of prompts and the time and concurrency of
-//! gate computations, answers every error as JSON with a 4xx/5xx status, and
-//! shuts down gracefully on SIGINT/SIGTERM. The model is loaded *before* the
-//! port opens, so a listening daemon is a ready one. A membrane file that
-//! fails to parse is reported in `/v1/membranes` and skipped.
+//! request bodies, the number of prompts, of `AND` sub-prompts and of
+//! tokens, and the time and concurrency of gate computations, answers every
+//! error as JSON with a 4xx/5xx status, and shuts down gracefully on
+//! SIGINT/SIGTERM. The model is loaded *before* the port opens, so a
+//! listening daemon is a ready one. A membrane file that fails to parse is
+//! reported in `/v1/membranes` and skipped.
+//!
+//! Work never outlives its request: a gate computation that times out (504)
+//! or whose client goes away is cancelled between sub-prompts, and it holds
+//! its concurrency permit until it has actually stopped, so abandoned work
+//! cannot crowd out the next request. An oversize body is read and discarded
+//! up to a bound before the JSON 413 goes out, so a client that sends its
+//! whole body before reading (Python's `urllib`, `requests`) reads the 413
+//! instead of a connection reset.
 //!
 //! | endpoint | answer |
 //! |---|---|
 //! | `GET /healthz` | `{"status":"ok","encoder":…,"membranes":N}` (no token needed) |
 //! | `GET /v1/membranes` | `{"membranes":[{name,file,concepts,rank,arch}],"errors":[{file,error}]}` |
-//! | `POST /v1/gate` | `{"prompts":[…],"membranes"?:[names],"metric"?,"curve"?,"facilitate"?}` → `{"results":[{"prompt","gates":{name:{rate,strength,clipcos,tokenuni}}}]}` |
+//! | `POST /v1/gate` | `{"prompts":[…],"membranes"?:[names],"metric"?,"curve"?,"facilitate"?,"normalize"?}` → `{"results":[{"prompt","gates":{name:{rate,strength,clipcos,tokenuni}}}]}` |
 //! | `POST /v1/reload` | rescans the membrane folder; answers like `/v1/membranes` |
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use http_body_util::BodyExt;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::Semaphore;
@@ -37,6 +47,8 @@ use crate::convert::Curve;
 use crate::error::{Error, Result};
 use crate::transport::clip::EncoderInfo;
 use crate::transport::gate::{Engine, GateOptions, Membrane, Metric};
+use crate::transport::prompt::normalize;
+use crate::transport::strict::{self, Normalize};
 
 /// Limits and defaults of a running daemon.
 #[derive(Debug, Clone)]
@@ -46,6 +58,11 @@ pub struct ServeConfig {
     pub token: Option<String>,
     pub max_body_bytes: usize,
     pub max_prompts: usize,
+    /// Most `AND` sub-prompts over all prompts of one request (each costs
+    /// one text-encoder pass).
+    pub max_subprompts: usize,
+    /// Most tokens (before the 77-token cut) over all prompts of one request.
+    pub max_tokens: usize,
     pub timeout: Duration,
     pub concurrency: usize,
     pub defaults: GateOptions,
@@ -63,36 +80,44 @@ struct AppState {
     errors: RwLock<Vec<LoadError>>,
     encoder: Option<EncoderInfo>,
     cfg: ServeConfig,
-    permits: Semaphore,
+    permits: Arc<Semaphore>,
 }
 
-/// Membrane files in `dir` (`.safetensors`, `.pt`), parsed; failures are
-/// returned beside the good ones, never fatal.
+/// Membrane files under `dir` and its subfolders (`.safetensors`, `.pt`,
+/// `.ckpt`), parsed; failures are returned beside the good ones, never
+/// fatal. A membrane is named by its file stem, the name A1111 and Forge
+/// give a LoRA in `<lora:NAME:…>` whatever subfolder of `Lora/` it lies in;
+/// when two files share a stem the first in path order is served and the
+/// other listed as an error (the WebUI resolves such a clash on its own, so
+/// the name would be ambiguous).
 pub fn scan_membranes(dir: &Path) -> (Vec<Membrane>, Vec<LoadError>) {
-    let mut good = Vec::new();
+    let mut good: Vec<Membrane> = Vec::new();
     let mut bad = Vec::new();
-    let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
-        Ok(rd) => rd.filter_map(|e| e.ok().map(|e| e.path())).collect(),
-        Err(e) => {
-            bad.push(LoadError {
-                file: dir.display().to_string(),
-                error: e.to_string(),
-            });
-            return (good, bad);
-        }
-    };
+    let mut files = Vec::new();
+    if let Err(e) = walk_membranes(dir, &mut files, &mut bad, 0) {
+        bad.push(LoadError {
+            file: dir.display().to_string(),
+            error: e.to_string(),
+        });
+        return (good, bad);
+    }
     files.sort();
     for f in files {
-        let ext = f
-            .extension()
-            .and_then(|e| e.to_str())
-            .unwrap_or("")
-            .to_ascii_lowercase();
-        if !matches!(ext.as_str(), "safetensors" | "pt" | "ckpt") || !f.is_file() {
-            continue;
-        }
         match Membrane::from_file(&f) {
-            Ok(m) => good.push(m),
+            Ok(m) => {
+                if let Some(first) = good.iter().find(|g| g.name == m.name) {
+                    bad.push(LoadError {
+                        file: f.display().to_string(),
+                        error: format!(
+                            "another membrane is named `{}` ({}); rename one of them",
+                            m.name,
+                            first.file.display()
+                        ),
+                    });
+                } else {
+                    good.push(m);
+                }
+            }
             Err(e) => {
                 warn!("skipping membrane: {e}");
                 bad.push(LoadError {
@@ -105,6 +130,57 @@ pub fn scan_membranes(dir: &Path) -> (Vec<Membrane>, Vec<LoadError>) {
     (good, bad)
 }
 
+/// Deepest folder level scanned (a symlink loop ends here).
+const MAX_SCAN_DEPTH: usize = 16;
+
+fn walk_membranes(
+    dir: &Path,
+    files: &mut Vec<PathBuf>,
+    bad: &mut Vec<LoadError>,
+    depth: usize,
+) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            if depth + 1 >= MAX_SCAN_DEPTH {
+                bad.push(LoadError {
+                    file: path.display().to_string(),
+                    error: format!("not scanned: deeper than {MAX_SCAN_DEPTH} folders"),
+                });
+            } else if let Err(e) = walk_membranes(&path, files, bad, depth + 1) {
+                bad.push(LoadError {
+                    file: path.display().to_string(),
+                    error: e.to_string(),
+                });
+            }
+            continue;
+        }
+        let ext = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .unwrap_or("")
+            .to_ascii_lowercase();
+        if matches!(ext.as_str(), "safetensors" | "pt" | "ckpt") && path.is_file() {
+            files.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// Refuse to start on a membrane path that is missing or not a folder: a
+/// daemon serving 0 membranes would answer every gate with "unknown
+/// membrane", which the extension treats as full strength.
+pub fn check_membranes_dir(dir: &Path) -> Result<()> {
+    match std::fs::metadata(dir) {
+        Err(e) => Err(Error::io(dir, e)),
+        Ok(m) if !m.is_dir() => Err(Error::file(
+            dir,
+            "--membranes must be a folder of membrane files (it is scanned recursively)",
+        )),
+        Ok(_) => Ok(()),
+    }
+}
+
 fn err(status: StatusCode, msg: impl Into<String>) -> Response {
     (status, Json(json!({ "error": msg.into() }))).into_response()
 }
@@ -113,17 +189,23 @@ fn authorised(state: &AppState, headers: &HeaderMap) -> bool {
     let Some(token) = &state.cfg.token else {
         return true;
     };
-    let want = format!("Bearer {token}");
     let got = headers
-        .get("authorization")
+        .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
+    // The auth scheme is case-insensitive (RFC 9110 §11.1), one or more
+    // spaces separate it from the credentials (RFC 9110 §11.4).
+    let Some((scheme, cred)) = got.split_once(' ') else {
+        return false;
+    };
+    let cred = cred.trim_start_matches(' ');
     // Constant-time comparison: the token guards a local daemon, but a
     // timing side channel costs nothing to close.
-    got.len() == want.len()
-        && got
+    scheme.eq_ignore_ascii_case("bearer")
+        && cred.len() == token.len()
+        && cred
             .bytes()
-            .zip(want.bytes())
+            .zip(token.bytes())
             .fold(0u8, |a, (x, y)| a | (x ^ y))
             == 0
 }
@@ -136,6 +218,7 @@ async fn healthz(State(s): State<Arc<AppState>>) -> Response {
         "membranes": n,
         "metric": s.cfg.defaults.metric,
         "curve": s.cfg.defaults.curve,
+        "normalize": s.cfg.defaults.normalize,
     }))
     .into_response()
 }
@@ -197,6 +280,8 @@ struct GateRequest {
     curve: Option<Curve>,
     #[serde(default)]
     facilitate: Option<f64>,
+    #[serde(default)]
+    normalize: Option<Normalize>,
 }
 
 #[derive(Serialize)]
@@ -205,17 +290,116 @@ struct GateResult {
     gates: BTreeMap<String, crate::transport::gate::Gate>,
 }
 
-async fn gate(
-    State(s): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: std::result::Result<Bytes, BytesRejection>,
-) -> Response {
-    if !authorised(&s, &headers) {
-        return err(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+/// Why a request body was not taken.
+enum BodyFail {
+    TooLarge,
+    Slow,
+    Broken(String),
+}
+
+/// Read a request body of at most `limit` bytes within `deadline`. A larger
+/// one is read on and discarded up to `drain` bytes (or the deadline) so the
+/// client, which may be writing the whole body before it reads, gets the
+/// 413 rather than a reset; beyond that the connection is closed.
+async fn read_body(
+    body: Body,
+    headers: &HeaderMap,
+    limit: usize,
+    drain: usize,
+    deadline: Instant,
+) -> std::result::Result<Bytes, BodyFail> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > drain as u64) {
+        return Err(BodyFail::TooLarge);
     }
-    let body = match body {
+    let mut body = body;
+    let mut buf: Vec<u8> = Vec::new();
+    let mut seen = 0usize;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let frame = match tokio::time::timeout(left, body.frame()).await {
+            Err(_) => {
+                return Err(if seen > limit {
+                    BodyFail::TooLarge
+                } else {
+                    BodyFail::Slow
+                })
+            }
+            Ok(None) => break,
+            Ok(Some(Err(e))) => return Err(BodyFail::Broken(e.to_string())),
+            Ok(Some(Ok(f))) => f,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        seen += data.len();
+        if seen <= limit {
+            buf.extend_from_slice(&data);
+        } else if seen > drain {
+            return Err(BodyFail::TooLarge);
+        }
+    }
+    if seen > limit {
+        return Err(BodyFail::TooLarge);
+    }
+    Ok(Bytes::from(buf))
+}
+
+/// An error answer that also closes the connection (its body may be unread).
+fn err_close(status: StatusCode, msg: impl Into<String>) -> Response {
+    let mut r = err(status, msg);
+    r.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    r
+}
+
+/// Sets the cancel flag when dropped: on every way out of the handler —
+/// answer, timeout, or the client going away (hyper drops the future).
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Why a gate computation produced no gates.
+enum GateFail {
+    /// Over one of the request limits (413).
+    TooMuch(String),
+    Failed(Error),
+}
+
+async fn gate(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+    if !authorised(&s, &headers) {
+        return err_close(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+    }
+    let started = Instant::now();
+    let limit = s.cfg.max_body_bytes;
+    let drain = limit.saturating_mul(16).clamp(1 << 20, 16 << 20);
+    let body = match read_body(body, &headers, limit, drain, started + s.cfg.timeout).await {
         Ok(b) => b,
-        Err(rej) => return err(rej.status(), rej.body_text()),
+        Err(BodyFail::TooLarge) => {
+            return err_close(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body larger than {limit} bytes (--max-body-bytes)"),
+            )
+        }
+        Err(BodyFail::Slow) => {
+            return err_close(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "request body not received within {} ms",
+                    s.cfg.timeout.as_millis()
+                ),
+            )
+        }
+        Err(BodyFail::Broken(e)) => {
+            return err_close(StatusCode::BAD_REQUEST, format!("bad request body: {e}"))
+        }
     };
     let req: GateRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
@@ -228,29 +412,38 @@ async fn gate(
         return err(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!(
-                "{} prompts; at most {} per request",
+                "`prompts`: {} prompts; at most {} per request (--max-prompts)",
                 req.prompts.len(),
                 s.cfg.max_prompts
             ),
         );
     }
+    // serde_json never yields NaN or ±inf from JSON text (they are not JSON),
+    // but a huge exponent overflows to inf; negatives are refused because the
+    // reference curve would square them back to a positive strength.
+    if let Some(f) = req.facilitate {
+        if !f.is_finite() || f < 0.0 {
+            return err(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("`facilitate`: {f} is not a finite number ≥ 0"),
+            );
+        }
+    }
     let opts = GateOptions {
         metric: req.metric.unwrap_or(s.cfg.defaults.metric),
         curve: req.curve.unwrap_or(s.cfg.defaults.curve),
         facilitate: req.facilitate.unwrap_or(s.cfg.defaults.facilitate),
+        normalize: req.normalize.unwrap_or(s.cfg.defaults.normalize),
     };
-    if !opts.facilitate.is_finite() {
-        return err(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "`facilitate` must be a finite number",
-        );
-    }
     {
         let engine = s.engine.read().expect("engine lock");
         if opts.metric.needs_encoder() && !engine.has_encoder() {
             return err(
                 StatusCode::UNPROCESSABLE_ENTITY,
-                "this daemon has no text encoder (--text-encoder); use metric tokenuni or allone",
+                format!(
+                    "`metric`: {} needs a text encoder and this daemon has none (--text-encoder); use tokenuni or allone",
+                    opts.metric.name()
+                ),
             );
         }
         if let Some(names) = &req.membranes {
@@ -258,11 +451,15 @@ async fn gate(
                 .iter()
                 .find(|n| !engine.membranes().any(|m| &m.name == *n))
             {
-                return err(StatusCode::NOT_FOUND, format!("unknown membrane `{n}`"));
+                return err(
+                    StatusCode::NOT_FOUND,
+                    format!("`membranes`: unknown membrane `{n}`"),
+                );
             }
         }
     }
-    let permit = match tokio::time::timeout(s.cfg.timeout, s.permits.acquire()).await {
+    let left = s.cfg.timeout.saturating_sub(started.elapsed());
+    let permit = match tokio::time::timeout(left, s.permits.clone().acquire_owned()).await {
         Ok(Ok(p)) => p,
         _ => {
             return err(
@@ -271,33 +468,66 @@ async fn gate(
             )
         }
     };
+    let cancel = Arc::new(AtomicBool::new(false));
+    let _guard = CancelOnDrop(cancel.clone());
     let s2 = s.clone();
-    let work = tokio::task::spawn_blocking(move || -> Result<Vec<GateResult>> {
-        let engine = s2.engine.read().expect("engine lock");
-        req.prompts
-            .iter()
-            .map(|p| {
-                let gates = engine.gate(p, req.membranes.as_deref(), &opts)?;
-                Ok(GateResult {
-                    prompt: p.clone(),
-                    gates: gates.into_iter().collect(),
+    let work = tokio::task::spawn_blocking(
+        move || -> std::result::Result<Vec<GateResult>, GateFail> {
+            // The permit lives as long as the work does, not the request.
+            let _permit = permit;
+            let engine = s2.engine.read().expect("engine lock");
+            let (mut parts, mut tokens) = (0usize, 0usize);
+            for p in &req.prompts {
+                for sub in normalize(&strict::apply(opts.normalize, p)) {
+                    parts += 1;
+                    tokens += engine.token_count(&sub);
+                }
+                if parts > s2.cfg.max_subprompts {
+                    return Err(GateFail::TooMuch(format!(
+                    "`prompts`: more than {} sub-prompts (prompts and their AND parts) in one request (--max-subprompts)",
+                    s2.cfg.max_subprompts
+                )));
+                }
+                if tokens > s2.cfg.max_tokens {
+                    return Err(GateFail::TooMuch(format!(
+                        "`prompts`: more than {} tokens in one request (--max-tokens)",
+                        s2.cfg.max_tokens
+                    )));
+                }
+                if cancel.load(Ordering::Relaxed) {
+                    return Err(GateFail::Failed(Error::Cancelled));
+                }
+            }
+            req.prompts
+                .iter()
+                .map(|p| {
+                    let gates = engine
+                        .gate_until(p, req.membranes.as_deref(), &opts, Some(&cancel))
+                        .map_err(GateFail::Failed)?;
+                    Ok(GateResult {
+                        prompt: p.clone(),
+                        gates: gates.into_iter().collect(),
+                    })
                 })
-            })
-            .collect()
-    });
-    let out = tokio::time::timeout(s.cfg.timeout, work).await;
-    drop(permit);
-    match out {
-        Ok(Ok(Ok(results))) => {
-            Json(json!({ "results": results, "metric": opts.metric, "curve": opts.curve }))
-                .into_response()
+                .collect()
+        },
+    );
+    let left = s.cfg.timeout.saturating_sub(started.elapsed());
+    match tokio::time::timeout(left, work).await {
+        Ok(Ok(Ok(results))) => Json(json!({
+            "results": results, "metric": opts.metric, "curve": opts.curve, "normalize": opts.normalize,
+        }))
+        .into_response(),
+        Ok(Ok(Err(GateFail::TooMuch(m)))) => err(StatusCode::PAYLOAD_TOO_LARGE, m),
+        Ok(Ok(Err(GateFail::Failed(Error::Usage(m))))) => {
+            err(StatusCode::UNPROCESSABLE_ENTITY, m)
         }
-        Ok(Ok(Err(Error::Usage(m)))) => err(StatusCode::UNPROCESSABLE_ENTITY, m),
-        Ok(Ok(Err(e))) => err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Ok(Ok(Err(GateFail::Failed(e)))) => err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         Ok(Err(e)) => err(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("gate task failed: {e}"),
         ),
+        // `_guard` drops on return and cancels the abandoned work.
         Err(_) => err(
             StatusCode::GATEWAY_TIMEOUT,
             format!("gate computation exceeded {} ms", s.cfg.timeout.as_millis()),
@@ -309,16 +539,41 @@ async fn not_found() -> Response {
     err(StatusCode::NOT_FOUND, "no such endpoint")
 }
 
+/// axum answers a wrong method with an empty 405; every error here is JSON.
+/// The `Allow` header axum computed is kept.
+async fn json_405(res: Response) -> Response {
+    if res.status() != StatusCode::METHOD_NOT_ALLOWED
+        || res.headers().contains_key(header::CONTENT_TYPE)
+    {
+        return res;
+    }
+    let (mut parts, _) = res.into_parts();
+    let allow = parts
+        .headers
+        .get(header::ALLOW)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let body = json!({ "error": format!("method not allowed here; allowed: {allow}") }).to_string();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Response::from_parts(parts, Body::from(body))
+}
+
 /// Build the router over a ready engine (used by `run` and by tests).
 fn router(state: Arc<AppState>) -> Router {
-    let limit = state.cfg.max_body_bytes;
+    // /v1/gate reads its body itself (bounded, drained); no other route
+    // reads one.
     Router::new()
         .route("/healthz", get(healthz))
         .route("/v1/membranes", get(membranes))
         .route("/v1/gate", post(gate))
         .route("/v1/reload", post(reload))
         .fallback(not_found)
-        .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::map_response(json_405))
         .with_state(state)
 }
 
@@ -372,7 +627,7 @@ pub fn run(
             .local_addr()
             .map_err(|e| Error::usage(e.to_string()))?;
         let state = Arc::new(AppState {
-            permits: Semaphore::new(cfg.concurrency.max(1)),
+            permits: Arc::new(Semaphore::new(cfg.concurrency.max(1))),
             engine: RwLock::new(engine),
             errors: RwLock::new(errors),
             encoder,

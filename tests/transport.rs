@@ -142,6 +142,7 @@ fn gates_match_reference_formula() {
                 metric,
                 curve,
                 facilitate: 1.0,
+                ..Default::default()
             };
             for p in r["prompts"].as_array().unwrap() {
                 let prompt = p["prompt"].as_str().unwrap();

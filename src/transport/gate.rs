@@ -19,12 +19,14 @@
 use std::collections::HashSet;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
 use super::clip::{cosine, ClipTextModel};
 use super::prompt::normalize;
+use super::strict::{self, Normalize};
 use super::tokenizer::ClipTokenizer;
 use crate::adapter::Adapter;
 use crate::convert::Curve;
@@ -50,6 +52,16 @@ pub enum Metric {
 }
 
 impl Metric {
+    /// The name users type (`--metric`, the `metric` field).
+    pub fn name(self) -> &'static str {
+        match self {
+            Metric::Clipcos => "clipcos",
+            Metric::Tokenuni => "tokenuni",
+            Metric::ClipcosTokenuni => "clipcos_tokenuni",
+            Metric::Allone => "allone",
+        }
+    }
+
     pub fn needs_encoder(self) -> bool {
         matches!(self, Metric::Clipcos | Metric::ClipcosTokenuni)
     }
@@ -60,8 +72,12 @@ impl Metric {
 pub struct GateOptions {
     pub metric: Metric,
     pub curve: Curve,
-    /// Multiplies the rate before the curve (`--facilitate_factor`).
+    /// Multiplies the rate before the curve (`--facilitate_factor`);
+    /// finite and ≥ 0 (a negative factor would square back to a positive
+    /// strength under the reference curve).
     pub facilitate: f64,
+    /// How the prompt text is prepared (reference: as typed).
+    pub normalize: Normalize,
 }
 
 impl Default for GateOptions {
@@ -70,6 +86,7 @@ impl Default for GateOptions {
             metric: Metric::ClipcosTokenuni,
             curve: Curve::Reference,
             facilitate: 1.0,
+            normalize: Normalize::Reference,
         }
     }
 }
@@ -130,6 +147,8 @@ struct Encoded {
 struct Prepared {
     membrane: Membrane,
     concepts: Vec<Encoded>,
+    /// The concepts folded by `--normalize strict`, where that changes any.
+    strict: Option<Vec<Encoded>>,
 }
 
 /// A prompt's (cosine, token recall) against every concept of every
@@ -137,6 +156,10 @@ struct Prepared {
 /// prompt cache keeps: a few bytes per concept, and a repeated prompt costs
 /// a look-up and a fold.
 type Scores = Vec<Vec<(Option<f64>, f64)>>;
+
+/// Set when the request that asked for a gate is gone (timed out or
+/// disconnected): checked between sub-prompts so abandoned work stops.
+pub type Cancel = AtomicBool;
 
 /// Computes gates; shareable between threads.
 pub struct Engine {
@@ -190,7 +213,7 @@ impl Engine {
             .flat_map(|m| m.concepts.iter().map(String::as_str))
             .collect();
         let mut encoded = self.encode_batch(&texts)?.into_iter();
-        self.membranes = membranes
+        let mut prepared: Vec<Prepared> = membranes
             .into_iter()
             .map(|m| {
                 let concepts = (0..m.concepts.len())
@@ -199,9 +222,24 @@ impl Engine {
                 Prepared {
                     membrane: m,
                     concepts,
+                    strict: None,
                 }
             })
             .collect();
+        for p in &mut prepared {
+            let folded: Vec<String> = p
+                .membrane
+                .concepts
+                .iter()
+                .map(|c| strict::fold(c))
+                .collect();
+            if folded != p.membrane.concepts {
+                let refs: Vec<&str> = folded.iter().map(String::as_str).collect();
+                p.strict = Some(self.encode_batch(&refs)?);
+            }
+        }
+        self.membranes = prepared;
+        self.cache.lock().expect("cache lock").clear();
         Ok(())
     }
 
@@ -232,8 +270,24 @@ impl Engine {
             .collect())
     }
 
-    fn scores_cached(&self, text: &str) -> Result<Arc<Scores>> {
-        if let Some(e) = self.cache.lock().expect("cache lock").get(text) {
+    /// Tokens of a text before the 77-token cut, for request limits.
+    pub fn token_count(&self, text: &str) -> usize {
+        self.tokenizer.encode(text).len()
+    }
+
+    /// The highest id the tokenizer can produce.
+    pub fn max_token_id(&self) -> u32 {
+        self.tokenizer.max_id()
+    }
+
+    fn scores_cached(&self, text: &str, mode: Normalize) -> Result<Arc<Scores>> {
+        // Strict scores differ only where a concept folds differently; the
+        // key carries the mode so the two never mix.
+        let key = match mode {
+            Normalize::Reference => text.to_string(),
+            Normalize::Strict => format!("\u{0}strict\u{0}{text}"),
+        };
+        if let Some(e) = self.cache.lock().expect("cache lock").get(&key) {
             return Ok(e.clone());
         }
         let prompt = self.encode_batch(&[text])?.pop().expect("one row");
@@ -241,17 +295,18 @@ impl Engine {
             .membranes
             .iter()
             .map(|p| {
-                p.concepts
-                    .iter()
-                    .map(|c| concept_score(&prompt, c))
-                    .collect()
+                let concepts = match (mode, &p.strict) {
+                    (Normalize::Strict, Some(folded)) => folded,
+                    _ => &p.concepts,
+                };
+                concepts.iter().map(|c| concept_score(&prompt, c)).collect()
             })
             .collect();
         let scores = Arc::new(scores);
         self.cache
             .lock()
             .expect("cache lock")
-            .put(text.to_string(), scores.clone());
+            .put(key, scores.clone());
         Ok(scores)
     }
 
@@ -264,10 +319,28 @@ impl Engine {
         names: Option<&[String]>,
         opts: &GateOptions,
     ) -> Result<Vec<(String, Gate)>> {
+        self.gate_until(prompt, names, opts, None)
+    }
+
+    /// [`Engine::gate`], giving up with [`Error::Cancelled`] between
+    /// sub-prompts once `cancel` is set.
+    pub fn gate_until(
+        &self,
+        prompt: &str,
+        names: Option<&[String]>,
+        opts: &GateOptions,
+        cancel: Option<&Cancel>,
+    ) -> Result<Vec<(String, Gate)>> {
         if opts.metric.needs_encoder() && self.encoder.is_none() {
             return Err(Error::usage(format!(
-                "metric {:?} needs a text encoder (--text-encoder); only tokenuni and allone work without one",
-                opts.metric
+                "metric {} needs a text encoder (--text-encoder); only tokenuni and allone work without one",
+                opts.metric.name()
+            )));
+        }
+        if !opts.facilitate.is_finite() || opts.facilitate < 0.0 {
+            return Err(Error::usage(format!(
+                "facilitate factor {}: must be a finite number ≥ 0",
+                opts.facilitate
             )));
         }
         let selected: Vec<usize> = match names {
@@ -282,10 +355,15 @@ impl Engine {
                 })
                 .collect::<Result<_>>()?,
         };
-        let parts = normalize(prompt);
+        let parts = normalize(&strict::apply(opts.normalize, prompt));
         let scored = parts
             .iter()
-            .map(|p| self.scores_cached(p))
+            .map(|p| {
+                if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+                    return Err(Error::Cancelled);
+                }
+                self.scores_cached(p, opts.normalize)
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(selected
             .into_iter()

@@ -5,6 +5,7 @@ pub mod clip;
 pub mod ftfy;
 pub mod gate;
 pub mod prompt;
+pub mod strict;
 pub mod tokenizer;
 
 use std::path::{Path, PathBuf};
@@ -74,7 +75,20 @@ pub fn build_engine(spec: &EngineSpec) -> Result<(Engine, Option<EncoderInfo>)> 
         EOS
     };
     let pad = spec.pad_id.or(folder_pad).unwrap_or(layout_pad);
-    Ok((Engine::new(tokenizer, Some(model), pad), Some(info)))
+    // Checked here, once: an id past the embedding table would otherwise
+    // fail deep inside candle, per prompt, without naming the file.
+    let rows = model.config.vocab_size;
+    let engine = Engine::new(tokenizer, Some(model), pad);
+    let max_id = engine.max_token_id().max(pad);
+    if max_id as usize >= rows {
+        return Err(Error::file(
+            path,
+            format!(
+                "the text encoder's token embedding has {rows} rows (vocab_size) but the tokenizer emits ids up to {max_id}; this encoder does not belong to a CLIP tokenizer of 49408 tokens"
+            ),
+        ));
+    }
+    Ok((engine, Some(info)))
 }
 
 #[cfg(test)]

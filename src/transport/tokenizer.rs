@@ -224,6 +224,20 @@ impl ClipTokenizer {
     }
 
     /// Token ids of `text`, without BOS/EOS, padding or truncation.
+    /// The highest id this tokenizer can emit (vocabulary, added and special
+    /// tokens, unknown), to check against a text encoder's embedding rows.
+    pub fn max_id(&self) -> u32 {
+        let vocab = self.sym_id.iter().flatten().copied();
+        let added = self.added.iter().map(|(_, i)| *i);
+        let specials = self.specials.iter().map(|(_, i)| *i);
+        vocab
+            .chain(added)
+            .chain(specials)
+            .chain([self.unk])
+            .max()
+            .unwrap_or(0)
+    }
+
     pub fn encode(&self, text: &str) -> Vec<u32> {
         self.encode_split(text, None)
     }
