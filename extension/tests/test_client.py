@@ -154,7 +154,8 @@ def test_job_against_real_sidecar(daemon, mem_dir):
         ["hires pikachu <lora:spm:0.5>", "a cat <lora:style:1>", "a dog AND a cat"],
         {"spm2": 1.0}, files.get, lambda p: p.endswith("spm.safetensors") or p.endswith("spm2.safetensors"),
         c, "clipcos_tokenuni", "reference")
-    assert not job.failed and c.requests_made == 1
+    # one request per normalisation: the always-on spm2 strictly, the prompt's spm as the reference
+    assert not job.failed and c.requests_made == 2
     assert job.base_prompts[0] == "a photo of pikachu "
     assert job.base_prompts[1] == "a cat <lora:style:1>"  # non-SPM tags stay for the built-in loader
     assert job.taken_over == {"spm"}

@@ -359,7 +359,7 @@ def job_runner(unet_model, ui=(True,)):
     runner = scripts.ScriptRunner([script], [list(ui)])
     lora = networks.ExtraNetworkLora()
     extra_networks.registry.clear()
-    extra_networks.registry.update({"lora": lora, "lyco": lora})
+    extra_networks.registry["lora"] = lora
     return runner, lora
 
 

@@ -15,6 +15,7 @@ from collections import defaultdict
 
 re_extra_net = re.compile(r"<(\w+):([^>]+)>")
 registry = {}
+aliases = {"lyco": "lora"}  # the built-in Lora registers "lyco" as an alias of "lora"
 
 
 class ExtraNetworkParams:
@@ -45,5 +46,10 @@ def parse_prompts(prompts):
 
 
 def activate(p, extra_network_data):
+    data = extra_network_data or {}
     for kind, net in registry.items():
-        net.activate(p, list((extra_network_data or {}).get(kind, [])))
+        params = list(data.get(kind, []))
+        for alias, target in aliases.items():
+            if target == kind:
+                params += list(data.get(alias, []))
+        net.activate(p, params)
