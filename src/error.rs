@@ -50,6 +50,14 @@ impl Error {
         }
     }
     pub fn io(path: &Path, source: std::io::Error) -> Self {
+        // One wording on every OS (Windows says "The system cannot find the
+        // file specified", Linux "No such file or directory").
+        if source.kind() == std::io::ErrorKind::NotFound {
+            return Error::File {
+                path: path.to_path_buf(),
+                msg: "No such file or folder".into(),
+            };
+        }
         Error::Io {
             path: path.to_path_buf(),
             source,

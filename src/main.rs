@@ -147,7 +147,7 @@ enum Command {
         #[arg(long, value_enum, default_value = "keep")]
         dtype: DtypeArg,
         /// Bake a static strength m ≥ 0 into the factors (see --curve).
-        #[arg(long, value_parser = non_negative_f32)]
+        #[arg(long, value_parser = non_negative_f32, allow_hyphen_values = true)]
         strength: Option<f32>,
         /// How --strength scales the delta: reference (m², SPM's code) or linear (m).
         #[arg(long, value_enum, default_value = "reference")]
@@ -370,7 +370,7 @@ struct GateArgs {
     #[arg(long, value_enum, default_value = "reference")]
     curve: Curve,
     /// Multiply every rate by this factor ≥ 0 (SPM's --facilitate_factor).
-    #[arg(long, default_value_t = 1.0, value_parser = non_negative_f64)]
+    #[arg(long, default_value_t = 1.0, value_parser = non_negative_f64, allow_hyphen_values = true)]
     facilitate: f64,
     /// Prompt text as typed (reference), or folded first (strict): NFKC, zero-width
     /// characters and combining marks removed, confusable letters mapped to Latin, so that

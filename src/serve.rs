@@ -219,6 +219,9 @@ async fn healthz(State(s): State<Arc<AppState>>) -> Response {
         "metric": s.cfg.defaults.metric,
         "curve": s.cfg.defaults.curve,
         "normalize": s.cfg.defaults.normalize,
+        // Gate computations running now; abandoned ones stop within one
+        // sub-prompt, so this falls back to 0 once clients go away.
+        "busy": s.cfg.concurrency.max(1) - s.permits.available_permits(),
     }))
     .into_response()
 }
@@ -481,6 +484,9 @@ async fn gate(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) ->
                 for sub in normalize(&strict::apply(opts.normalize, p)) {
                     parts += 1;
                     tokens += engine.token_count(&sub);
+                    if parts % 64 == 0 && cancel.load(Ordering::Relaxed) {
+                        return Err(GateFail::Failed(Error::Cancelled));
+                    }
                 }
                 if parts > s2.cfg.max_subprompts {
                     return Err(GateFail::TooMuch(format!(
@@ -539,28 +545,36 @@ async fn not_found() -> Response {
     err(StatusCode::NOT_FOUND, "no such endpoint")
 }
 
-/// axum answers a wrong method with an empty 405; every error here is JSON.
-/// The `Allow` header axum computed is kept.
-async fn json_405(res: Response) -> Response {
+/// The methods each endpoint answers, for 405's `Allow` header.
+const ROUTES: [(&str, &str); 4] = [
+    ("/healthz", "GET"),
+    ("/v1/membranes", "GET"),
+    ("/v1/gate", "POST"),
+    ("/v1/reload", "POST"),
+];
+
+/// axum answers a wrong method with an empty 405; every error here is JSON,
+/// and a 405 names the allowed method (`Allow`, RFC 9110 §15.5.6).
+async fn json_405(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let allow = ROUTES
+        .iter()
+        .find(|(p, _)| *p == req.uri().path())
+        .map(|(_, m)| *m);
+    let res = next.run(req).await;
     if res.status() != StatusCode::METHOD_NOT_ALLOWED
         || res.headers().contains_key(header::CONTENT_TYPE)
     {
         return res;
     }
-    let (mut parts, _) = res.into_parts();
-    let allow = parts
-        .headers
-        .get(header::ALLOW)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
-    let body = json!({ "error": format!("method not allowed here; allowed: {allow}") }).to_string();
-    parts.headers.remove(header::CONTENT_LENGTH);
-    parts.headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
+    let allow = allow.unwrap_or("");
+    let mut r = err(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("method not allowed here; use {allow}"),
     );
-    Response::from_parts(parts, Body::from(body))
+    if let Ok(v) = HeaderValue::from_str(allow) {
+        r.headers_mut().insert(header::ALLOW, v);
+    }
+    r
 }
 
 /// Build the router over a ready engine (used by `run` and by tests).
@@ -573,7 +587,7 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/v1/gate", post(gate))
         .route("/v1/reload", post(reload))
         .fallback(not_found)
-        .layer(axum::middleware::map_response(json_405))
+        .layer(axum::middleware::from_fn(json_405))
         .with_state(state)
 }
 

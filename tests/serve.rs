@@ -297,6 +297,7 @@ fn timeout_is_a_json_504() {
     assert!(v["error"].as_str().unwrap().contains("exceeded"));
 }
 
+#[cfg(unix)]
 #[test]
 fn sigterm_shuts_down_cleanly() {
     let dir = membrane_dir();
@@ -352,4 +353,262 @@ fn gate_command_without_encoder_uses_tokenuni() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("needs a text encoder"));
+}
+
+/// The status line and body of a request whose body the client writes in
+/// full before it reads anything, as Python's urllib and requests do.
+fn write_all_then_read(addr: &str, head: &str, body: &[u8]) -> (bool, u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let wrote = s
+        .write_all(head.as_bytes())
+        .and_then(|_| s.write_all(body))
+        .is_ok();
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (wrote, status, body)
+}
+
+#[test]
+fn oversize_body_gets_a_readable_json_413() {
+    let dir = membrane_dir();
+    let d = start(dir.path(), &["--max-body-bytes", "65536"]);
+    let body = format!(r#"{{"prompts":["{}"]}}"#, "a".repeat(100_000));
+    let head = format!(
+        "POST /v1/gate HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let (wrote, status, text) = write_all_then_read(&d.addr, &head, body.as_bytes());
+    assert!(wrote, "the body could not be sent in full (connection reset)");
+    assert_eq!(status, 413, "{text}");
+    assert!(json(&text)["error"].as_str().unwrap().contains("65536"));
+    // Chunked, without a length: the same.
+    let chunk = "a".repeat(30_000);
+    let mut chunked = String::new();
+    for _ in 0..4 {
+        chunked.push_str(&format!("{:x}\r\n{chunk}\r\n", chunk.len()));
+    }
+    chunked.push_str("0\r\n\r\n");
+    let head = "POST /v1/gate HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let (wrote, status, text) = write_all_then_read(&d.addr, head, chunked.as_bytes());
+    assert!(wrote);
+    assert_eq!(status, 413, "{text}");
+    // The daemon is fine afterwards.
+    assert_eq!(post_gate(&d.addr, "", r#"{"prompts":["pikachu"]}"#).0, 200);
+}
+
+#[test]
+fn errors_are_json_and_the_auth_scheme_is_case_insensitive() {
+    let dir = membrane_dir();
+    let d = start(dir.path(), &["--token", "s3cret"]);
+    let (s, body) = request(
+        &d.addr,
+        "GET",
+        "/v1/gate",
+        &["Authorization: Bearer s3cret"],
+        b"",
+    );
+    assert_eq!(s, 405);
+    assert!(
+        json(&body)["error"].as_str().unwrap().contains("POST"),
+        "{body}"
+    );
+    let (s, body) = request(&d.addr, "DELETE", "/healthz", &[], b"");
+    assert_eq!(s, 405);
+    json(&body);
+    let gate = br#"{"prompts":["pikachu"]}"#;
+    for auth in [
+        "Authorization: bearer s3cret",
+        "Authorization: BEARER s3cret",
+        "Authorization: Bearer   s3cret",
+    ] {
+        assert_eq!(
+            request(&d.addr, "POST", "/v1/gate", &[auth], gate).0,
+            200,
+            "{auth}"
+        );
+    }
+    for auth in [
+        "Authorization: Basic s3cret",
+        "Authorization: bearer s3cre",
+        "Authorization: s3cret",
+    ] {
+        let (s, body) = request(&d.addr, "POST", "/v1/gate", &[auth], gate);
+        assert_eq!(s, 401, "{auth}");
+        json(&body);
+    }
+}
+
+#[test]
+fn numbers_caps_and_normalisation_over_http() {
+    let dir = membrane_dir();
+    let d = start(
+        dir.path(),
+        &["--max-subprompts", "8", "--max-tokens", "40"],
+    );
+    for f in ["-1", "-0.5"] {
+        let (s, v) = post_gate(
+            &d.addr,
+            "",
+            &format!(r#"{{"prompts":["pikachu"],"facilitate":{f}}}"#),
+        );
+        assert_eq!(s, 422, "{f}: {v}");
+        assert!(v["error"].as_str().unwrap().contains("facilitate"), "{v}");
+    }
+    // Not a finite JSON number: refused as bad JSON.
+    let (s, _) = post_gate(&d.addr, "", r#"{"prompts":["pikachu"],"facilitate":1e999}"#);
+    assert!(s == 400 || s == 422, "{s}");
+    let many_and = vec!["a"; 9].join(" AND ");
+    let (s, v) = post_gate(&d.addr, "", &format!(r#"{{"prompts":["{many_and}"]}}"#));
+    assert_eq!(s, 413, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("sub-prompts"), "{v}");
+    let long = vec!["word"; 41].join(" ");
+    let (s, v) = post_gate(&d.addr, "", &format!(r#"{{"prompts":["{long}"]}}"#));
+    assert_eq!(s, 413, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("tokens"), "{v}");
+    // `normalize`: reference by default, strict on request.
+    let evasive = "pi\u{200b}ka\u{200b}chu";
+    let body = |mode: &str| {
+        format!(
+            r#"{{"prompts":["{evasive}"],"membranes":["pikachu"],"metric":"tokenuni"{mode}}}"#
+        )
+    };
+    let (s, v) = post_gate(&d.addr, "", &body(""));
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["normalize"], "reference");
+    assert!(v["results"][0]["gates"]["pikachu"]["tokenuni"].as_f64().unwrap() < 1.0);
+    let (s, v) = post_gate(&d.addr, "", &body(r#","normalize":"strict""#));
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["results"][0]["gates"]["pikachu"]["tokenuni"], 1.0);
+    let (s, _) = post_gate(&d.addr, "", &body(r#","normalize":"loose""#));
+    assert_eq!(s, 400);
+}
+
+/// A request that times out stops computing: the daemon's busy count goes
+/// back to 0 long before the abandoned work (tens of seconds of sub-prompts)
+/// could have finished, and the next request is answered.
+#[test]
+fn timed_out_work_is_cancelled() {
+    let dir = membrane_dir();
+    let d = start(
+        dir.path(),
+        &[
+            "--timeout-ms",
+            "300",
+            "--max-body-bytes",
+            "2000000",
+            "--max-subprompts",
+            "1000000",
+            "--max-tokens",
+            "100000000",
+            "--concurrency",
+            "1",
+        ],
+    );
+    let parts: Vec<String> = (0..60_000).map(|i| format!("w{i}")).collect();
+    let body = format!(r#"{{"prompts":["{}"]}}"#, parts.join(" AND "));
+    let (s, v) = post_gate(&d.addr, "", &body);
+    assert_eq!(s, 504, "{v}");
+    let t = Instant::now();
+    loop {
+        let (_, h) = request(&d.addr, "GET", "/healthz", &[], b"");
+        if json(&h)["busy"] == 0 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "abandoned work still running: {h}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (s, v) = post_gate(&d.addr, "", r#"{"prompts":["pikachu"]}"#);
+    assert_eq!(s, 200, "{v}");
+}
+
+#[test]
+fn membrane_folder_is_scanned_recursively_and_must_exist() {
+    let d = tempfile::tempdir().unwrap();
+    let lora = d.path().join("Lora");
+    std::fs::create_dir_all(lora.join("erasers/characters")).unwrap();
+    std::fs::copy(
+        fixture("sd1/spm.safetensors"),
+        lora.join("erasers/characters/pikachu.safetensors"),
+    )
+    .unwrap();
+    std::fs::copy(fixture("sd1/spm2.safetensors"), lora.join("cat.safetensors")).unwrap();
+    // The same name twice: the first in path order is served.
+    std::fs::create_dir_all(lora.join("zz")).unwrap();
+    std::fs::copy(
+        fixture("sd1/spm2.safetensors"),
+        lora.join("zz/pikachu.safetensors"),
+    )
+    .unwrap();
+    let daemon = start(&lora, &[]);
+    let (s, body) = request(&daemon.addr, "GET", "/v1/membranes", &[], b"");
+    assert_eq!(s, 200);
+    let v = json(&body);
+    let list = v["membranes"].as_array().unwrap();
+    let names: Vec<&str> = list.iter().map(|m| m["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["cat", "pikachu"]);
+    let pika = list.iter().find(|m| m["name"] == "pikachu").unwrap();
+    assert!(pika["file"].as_str().unwrap().contains("erasers"));
+    assert!(v["errors"].as_array().unwrap().iter().any(|e| e["error"]
+        .as_str()
+        .unwrap()
+        .contains("another membrane is named `pikachu`")));
+    let (s, v) = post_gate(
+        &daemon.addr,
+        "",
+        r#"{"prompts":["pikachu"],"membranes":["pikachu"]}"#,
+    );
+    assert_eq!(s, 200, "{v}");
+    // A missing folder, or a file, stops the daemon at start, naming it.
+    for bad in [d.path().join("missing"), lora.join("cat.safetensors")] {
+        let out = spm()
+            .args(["serve", "--port", "0", "--membranes", p(&bad)])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(p(&bad)), "{err}");
+    }
+}
+
+#[test]
+fn host_may_be_a_name() {
+    let dir = membrane_dir();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_spm"))
+        .args([
+            "serve",
+            "--host",
+            "localhost",
+            "--port",
+            "0",
+            "--membranes",
+            p(dir.path()),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        line.contains("http://127.0.0.1:") || line.contains("http://[::1]:"),
+        "{line}"
+    );
 }
