@@ -46,10 +46,28 @@ fn non_finite_and_meaningless_numbers_are_refused_by_name() {
         assert!(!o.exists(), "{w}: a file was written");
     }
     let base = fixture("sd1/base_ldm.safetensors");
-    let err = fails(&["bake", "--base", s(&base), s(&a), "--weights", "inf", "-o", s(&o)]);
+    let err = fails(&[
+        "bake",
+        "--base",
+        s(&base),
+        s(&a),
+        "--weights",
+        "inf",
+        "-o",
+        s(&o),
+    ]);
     assert!(err.contains("--weights"), "{err}");
     for m in ["nan", "inf", "-1"] {
-        let err = fails(&["convert", s(&a), "--to", "kohya", "--strength", m, "-o", s(&o)]);
+        let err = fails(&[
+            "convert",
+            s(&a),
+            "--to",
+            "kohya",
+            "--strength",
+            m,
+            "-o",
+            s(&o),
+        ]);
         assert!(err.contains("--strength"), "{m}: {err}");
     }
     for f in ["nan", "-inf", "-0.5"] {
@@ -75,7 +93,8 @@ fn non_finite_and_meaningless_numbers_are_refused_by_name() {
         for o in 0..o_dim {
             for i in 0..i_dim {
                 for k in 0..r {
-                    out[o * i_dim + i] += scale * alpha / r as f64 * up[o * r + k] * down[k * i_dim + i];
+                    out[o * i_dim + i] +=
+                        scale * alpha / r as f64 * up[o * r + k] * down[k * i_dim + i];
                 }
             }
         }
@@ -121,9 +140,9 @@ fn help_describes_every_flag() {
             // clap puts the text after the flag on the same line, or on the
             // next, more indented, line.
             let after = t.split_once("  ").map(|(_, r)| r.trim()).unwrap_or("");
-            let next_indented = lines
-                .get(i + 1)
-                .is_some_and(|n| n.len() - n.trim_start().len() > line.len() - t.len() && !n.trim().is_empty());
+            let next_indented = lines.get(i + 1).is_some_and(|n| {
+                n.len() - n.trim_start().len() > line.len() - t.len() && !n.trim().is_empty()
+            });
             assert!(
                 !after.is_empty() || next_indented,
                 "`spm {cmd} --help`: no text for `{}`",
@@ -142,7 +161,8 @@ fn concepts_are_a_list_in_every_json() {
     let merged: serde_json::Value =
         serde_json::from_str(&ok(&["merge", s(&a), s(&b), "-o", s(&o), "--json"])).unwrap();
     assert_eq!(merged["concepts"], serde_json::json!(["pikachu", "cat"]));
-    let inspected: serde_json::Value = serde_json::from_str(&ok(&["inspect", s(&o), "--json"])).unwrap();
+    let inspected: serde_json::Value =
+        serde_json::from_str(&ok(&["inspect", s(&o), "--json"])).unwrap();
     assert_eq!(inspected["concepts"], merged["concepts"]);
     let conv: serde_json::Value = serde_json::from_str(&ok(&[
         "convert",
@@ -200,7 +220,11 @@ fn lossy_conversion_is_summarised() {
         v
     };
     let out = spm().args(args(&[])).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.lines().count() <= 2, "{text}");
     assert!(text.contains("lossy:"), "{text}");
@@ -209,10 +233,19 @@ fn lossy_conversion_is_summarised() {
     let n = js["lossy"].as_array().unwrap().len();
     assert!(n >= 1);
     let verbose = spm().args(args(&[])).arg("-v").output().unwrap();
-    let logged = String::from_utf8_lossy(&verbose.stderr).matches("lossy:").count();
+    let logged = String::from_utf8_lossy(&verbose.stderr)
+        .matches("lossy:")
+        .count();
     assert_eq!(logged, n);
     // Refused without --allow-lossy: one line, the count, no list.
-    let refused = fails(&["convert", s(&input), "--to", "diffusers-old", "-o", s(&d.path().join("r.safetensors"))]);
+    let refused = fails(&[
+        "convert",
+        s(&input),
+        "--to",
+        "diffusers-old",
+        "-o",
+        s(&d.path().join("r.safetensors")),
+    ]);
     assert_eq!(refused.trim().lines().count(), 1, "{refused}");
     assert!(refused.contains("--allow-lossy"), "{refused}");
 }
@@ -264,9 +297,15 @@ fn bake_shape_mismatch_names_everything() {
     let bad = d.path().join("bad.safetensors");
     let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
         .iter()
-        .map(|(k, dt, sh, b)| (k.clone(), safetensors::tensor::TensorView::new(*dt, sh.clone(), b).unwrap()))
+        .map(|(k, dt, sh, b)| {
+            (
+                k.clone(),
+                safetensors::tensor::TensorView::new(*dt, sh.clone(), b).unwrap(),
+            )
+        })
         .collect();
-    let meta: std::collections::HashMap<String, String> = src.metadata.clone().into_iter().collect();
+    let meta: std::collections::HashMap<String, String> =
+        src.metadata.clone().into_iter().collect();
     safetensors::serialize_to_file(views, Some(meta), &bad).unwrap();
     let base = fixture("sd1/base_ldm.safetensors");
     let o = d.path().join("o.safetensors");
@@ -286,7 +325,8 @@ fn small_vocabulary_encoder_is_named_at_load() {
     std::fs::create_dir_all(&te).unwrap();
     let src_dir = fixture("sd1/base/text_encoder");
     let mut cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(src_dir.join("config.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(src_dir.join("config.json")).unwrap())
+            .unwrap();
     let rows = 1000usize;
     cfg["vocab_size"] = rows.into();
     std::fs::write(te.join("config.json"), cfg.to_string()).unwrap();
@@ -297,7 +337,12 @@ fn small_vocabulary_encoder_is_named_at_load() {
         .map(|(k, t)| {
             if k.ends_with("token_embedding.weight") {
                 let row = t.bytes.len() / t.shape[0];
-                (k.clone(), t.dtype, vec![rows, t.shape[1]], t.bytes[..row * rows].to_vec())
+                (
+                    k.clone(),
+                    t.dtype,
+                    vec![rows, t.shape[1]],
+                    t.bytes[..row * rows].to_vec(),
+                )
             } else {
                 (k.clone(), t.dtype, t.shape.clone(), t.bytes.clone())
             }
@@ -305,7 +350,12 @@ fn small_vocabulary_encoder_is_named_at_load() {
         .collect();
     let views: Vec<(String, safetensors::tensor::TensorView)> = owned
         .iter()
-        .map(|(k, dt, sh, b)| (k.clone(), safetensors::tensor::TensorView::new(*dt, sh.clone(), b).unwrap()))
+        .map(|(k, dt, sh, b)| {
+            (
+                k.clone(),
+                safetensors::tensor::TensorView::new(*dt, sh.clone(), b).unwrap(),
+            )
+        })
         .collect();
     safetensors::serialize_to_file(views, None, &te.join("model.safetensors")).unwrap();
     let err = fails(&[
@@ -345,7 +395,11 @@ fn strict_normalisation_sees_through_adversarial_spellings() {
         ];
         args.extend(prompts.iter().cloned());
         let out = spm().args(&args).output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         v["results"]
             .as_array()
@@ -363,12 +417,27 @@ fn strict_normalisation_sees_through_adversarial_spellings() {
     }
     assert_eq!(tokenuni("strict"), vec![1.0; prompts.len()]);
     // Plain prompts gate the same under both.
-    let plain = ok(&["gate", "--membrane", s(&membrane), "--normalize", "strict", "--json", "a cat", "pikachu"]);
-    let plain_ref = ok(&["gate", "--membrane", s(&membrane), "--json", "a cat", "pikachu"]);
+    let plain = ok(&[
+        "gate",
+        "--membrane",
+        s(&membrane),
+        "--normalize",
+        "strict",
+        "--json",
+        "a cat",
+        "pikachu",
+    ]);
+    let plain_ref = ok(&[
+        "gate",
+        "--membrane",
+        s(&membrane),
+        "--json",
+        "a cat",
+        "pikachu",
+    ]);
     let strip = |t: &str| {
         let mut v: serde_json::Value = serde_json::from_str(t).unwrap();
         v["results"].take()
     };
     assert_eq!(strip(&plain), strip(&plain_ref));
 }
-

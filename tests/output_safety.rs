@@ -53,9 +53,17 @@ fn models() -> (tempfile::TempDir, PathBuf) {
     let d = tempfile::tempdir().unwrap();
     let m = d.path().join("models");
     copy_tree(&fixture("sd1/base"), &m.join("sd1"));
-    std::fs::copy(fixture("sd1/base_ldm.safetensors"), m.join("sd1.safetensors")).unwrap();
+    std::fs::copy(
+        fixture("sd1/base_ldm.safetensors"),
+        m.join("sd1.safetensors"),
+    )
+    .unwrap();
     std::fs::create_dir_all(m.join("Lora")).unwrap();
-    std::fs::copy(fixture("sd1/spm.safetensors"), m.join("Lora/spm.safetensors")).unwrap();
+    std::fs::copy(
+        fixture("sd1/spm.safetensors"),
+        m.join("Lora/spm.safetensors"),
+    )
+    .unwrap();
     std::fs::write(m.join("notes.txt"), "my notes").unwrap();
     (d, m)
 }
@@ -91,33 +99,73 @@ fn bake_never_writes_over_around_or_into_its_base() {
     // -o a folder inside the base pipeline.
     refused(
         root,
-        &["bake", "--base", s(&base), s(&lora), "-o", s(&base.join("unet")), "--force"],
+        &[
+            "bake",
+            "--base",
+            s(&base),
+            s(&lora),
+            "-o",
+            s(&base.join("unet")),
+            "--force",
+        ],
         "lies inside the input",
     );
     // -o a new folder inside the base pipeline.
     refused(
         root,
-        &["bake", "--base", s(&base), s(&lora), "-o", s(&base.join("new")), "--force"],
+        &[
+            "bake",
+            "--base",
+            s(&base),
+            s(&lora),
+            "-o",
+            s(&base.join("new")),
+            "--force",
+        ],
         "lies inside the input",
     );
     // -o the base itself, spelt with `..`.
     let dotted = m.join("Lora/../sd1");
     refused(
         root,
-        &["bake", "--base", s(&base), s(&lora), "-o", s(&dotted), "--force"],
+        &[
+            "bake",
+            "--base",
+            s(&base),
+            s(&lora),
+            "-o",
+            s(&dotted),
+            "--force",
+        ],
         "is also an input",
     );
     // -o the folder holding the LoRA input (single-file base, file output).
     refused(
         root,
-        &["bake", "--base", s(&m.join("sd1.safetensors")), s(&lora), "-o", s(&m.join("Lora")), "--force"],
+        &[
+            "bake",
+            "--base",
+            s(&m.join("sd1.safetensors")),
+            s(&lora),
+            "-o",
+            s(&m.join("Lora")),
+            "--force",
+        ],
         "lies inside it",
     );
     // -o the single-file base itself.
     let single = m.join("sd1.safetensors");
     refused(
         root,
-        &["bake", "--base", s(&single), s(&lora), "-o", s(&single), "--force"],
+        &[
+            "bake",
+            "--base",
+            s(&single),
+            s(&lora),
+            "-o",
+            s(&single),
+            "--force",
+        ],
         "is also an input",
     );
 }
@@ -132,7 +180,15 @@ fn links_to_inputs_are_inputs() {
     std::fs::hard_link(&single, &hard).unwrap();
     refused(
         d.path(),
-        &["bake", "--base", s(&single), s(&lora), "-o", s(&hard), "--force"],
+        &[
+            "bake",
+            "--base",
+            s(&single),
+            s(&lora),
+            "-o",
+            s(&hard),
+            "--force",
+        ],
         "is also an input",
     );
     // A hard link to a LoRA input, as convert's output.
@@ -140,7 +196,15 @@ fn links_to_inputs_are_inputs() {
     std::fs::hard_link(&lora, &hard_lora).unwrap();
     refused(
         d.path(),
-        &["convert", s(&lora), "--to", "peft", "-o", s(&hard_lora), "--force"],
+        &[
+            "convert",
+            s(&lora),
+            "--to",
+            "peft",
+            "-o",
+            s(&hard_lora),
+            "--force",
+        ],
         "is also an input",
     );
     #[cfg(unix)]
@@ -150,7 +214,15 @@ fn links_to_inputs_are_inputs() {
         std::os::unix::fs::symlink(&m, &link).unwrap();
         refused(
             d.path(),
-            &["bake", "--base", s(&m.join("sd1")), s(&lora), "-o", s(&link), "--force"],
+            &[
+                "bake",
+                "--base",
+                s(&m.join("sd1")),
+                s(&lora),
+                "-o",
+                s(&link),
+                "--force",
+            ],
             "lies inside it",
         );
         // A file output under a symlink that points into the base pipeline.
@@ -158,7 +230,15 @@ fn links_to_inputs_are_inputs() {
         std::os::unix::fs::symlink(m.join("sd1"), &into).unwrap();
         refused(
             d.path(),
-            &["bake", "--base", s(&m.join("sd1")), s(&lora), "-o", s(&into.join("x")), "--force"],
+            &[
+                "bake",
+                "--base",
+                s(&m.join("sd1")),
+                s(&lora),
+                "-o",
+                s(&into.join("x")),
+                "--force",
+            ],
             "lies inside the input",
         );
     }
@@ -178,7 +258,11 @@ fn force_replaces_only_what_spm_writes() {
     assert!(bake(&[]).status.success());
     let first = snapshot(&out);
     // Without --force an existing output is refused.
-    refused(d.path(), &["bake", "--base", s(&base), s(&lora), "-o", s(&out)], "--force");
+    refused(
+        d.path(),
+        &["bake", "--base", s(&base), s(&lora), "-o", s(&out)],
+        "--force",
+    );
     // With --force a previous bake is swapped for a new one.
     let r = bake(&["--force"]);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
@@ -187,7 +271,15 @@ fn force_replaces_only_what_spm_writes() {
     std::fs::write(out.join("my_render.png"), "precious").unwrap();
     refused(
         d.path(),
-        &["bake", "--base", s(&base), s(&lora), "-o", s(&out), "--force"],
+        &[
+            "bake",
+            "--base",
+            s(&base),
+            s(&lora),
+            "-o",
+            s(&out),
+            "--force",
+        ],
         "my_render.png",
     );
     // No temp folders are left behind, and nothing else beside the output.
@@ -201,14 +293,30 @@ fn force_replaces_only_what_spm_writes() {
     std::fs::create_dir(&folder).unwrap();
     refused(
         d.path(),
-        &["convert", s(&lora), "--to", "peft", "-o", s(&folder), "--force"],
+        &[
+            "convert",
+            s(&lora),
+            "--to",
+            "peft",
+            "-o",
+            s(&folder),
+            "--force",
+        ],
         "is a folder",
     );
     let file = d.path().join("a_file");
     std::fs::write(&file, "x").unwrap();
     refused(
         d.path(),
-        &["bake", "--base", s(&base), s(&lora), "-o", s(&file), "--force"],
+        &[
+            "bake",
+            "--base",
+            s(&base),
+            s(&lora),
+            "-o",
+            s(&file),
+            "--force",
+        ],
         "is a file",
     );
 }
@@ -235,14 +343,34 @@ fn outputs_have_ordinary_permissions() {
             s(&lora),
             s(&out)
         );
-        let r = std::process::Command::new("sh").args(["-c", &cmd]).output().unwrap();
+        let r = std::process::Command::new("sh")
+            .args(["-c", &cmd])
+            .output()
+            .unwrap();
         assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode(&out.join("x.safetensors")), file_mode, "convert, umask {umask}");
-        assert_eq!(mode(&out.join("baked.safetensors")), file_mode, "bake file, umask {umask}");
-        assert_eq!(mode(&out.join("baked")), dir_mode, "bake folder, umask {umask}");
+        assert_eq!(
+            mode(&out.join("x.safetensors")),
+            file_mode,
+            "convert, umask {umask}"
+        );
+        assert_eq!(
+            mode(&out.join("baked.safetensors")),
+            file_mode,
+            "bake file, umask {umask}"
+        );
+        assert_eq!(
+            mode(&out.join("baked")),
+            dir_mode,
+            "bake folder, umask {umask}"
+        );
         for f in snapshot(&out.join("baked")).keys() {
-            assert_eq!(mode(&out.join("baked").join(f)), file_mode, "{}", f.display());
+            assert_eq!(
+                mode(&out.join("baked").join(f)),
+                file_mode,
+                "{}",
+                f.display()
+            );
         }
     }
 }

@@ -221,17 +221,17 @@ fn from_files_and_folder() {
     let e = ClipTokenizer::from_files(&missing, &tokdir.join("merges.txt"))
         .unwrap_err()
         .to_string();
-    assert!(e.contains("nope/vocab.json"), "{e}");
+    assert!(e.contains(&missing.display().to_string()), "{e}");
     std::fs::write(tokdir.join("vocab.json"), "{\"a\": 1,").unwrap();
     let e = ClipTokenizer::from_folder(root).unwrap_err().to_string();
     assert!(
-        e.contains("tokenizer/vocab.json") && e.contains("vocab.json"),
+        e.contains(&tokdir.join("vocab.json").display().to_string()),
         "{e}"
     );
     std::fs::write(tokdir.join("vocab.json"), "{\"a\": 1}").unwrap();
     let e = ClipTokenizer::from_folder(root).unwrap_err().to_string();
     assert!(
-        e.contains("tokenizer/vocab.json") && e.contains("<|endoftext|>"),
+        e.contains(&tokdir.join("vocab.json").display().to_string()) && e.contains("<|endoftext|>"),
         "{e}"
     );
 }
