@@ -290,7 +290,7 @@ fn bake_shape_mismatch_names_everything() {
         if k == &format!("{key}.lora_down.weight") {
             // One input column too many.
             shape[1] += 1;
-            bytes.extend(std::iter::repeat_n(0u8, t.dtype.size() * shape[0]));
+            bytes.extend(std::iter::repeat_n(0u8, t.dtype.bitsize() / 8 * shape[0]));
         }
         tensors.push((k.clone(), t.dtype, shape, bytes));
     }
