@@ -86,10 +86,11 @@ struct AppState {
 /// Membrane files under `dir` and its subfolders (`.safetensors`, `.pt`,
 /// `.ckpt`), parsed; failures are returned beside the good ones, never
 /// fatal. A membrane is named by its file stem, the name A1111 and Forge
-/// give a LoRA in `<lora:NAME:…>` whatever subfolder of `Lora/` it lies in;
-/// when two files share a stem the first in path order is served and the
-/// other listed as an error (the WebUI resolves such a clash on its own, so
-/// the name would be ambiguous).
+/// give a LoRA in `<lora:NAME:…>` whatever subfolder of `Lora/` it lies in.
+/// When two files share a stem, A1111 keeps the last one it walks (folders
+/// and files in sorted order, `networks.py` `list_available_networks`), so
+/// the last in path order is served here too and the other is listed as an
+/// error, since the extension resolves the name through the WebUI.
 pub fn scan_membranes(dir: &Path) -> (Vec<Membrane>, Vec<LoadError>) {
     let mut good: Vec<Membrane> = Vec::new();
     let mut bad = Vec::new();
@@ -105,13 +106,14 @@ pub fn scan_membranes(dir: &Path) -> (Vec<Membrane>, Vec<LoadError>) {
     for f in files {
         match Membrane::from_file(&f) {
             Ok(m) => {
-                if let Some(first) = good.iter().find(|g| g.name == m.name) {
+                if let Some(k) = good.iter().position(|g| g.name == m.name) {
+                    let shadowed = std::mem::replace(&mut good[k], m);
                     bad.push(LoadError {
-                        file: f.display().to_string(),
+                        file: shadowed.file.display().to_string(),
                         error: format!(
-                            "another membrane is named `{}` ({}); rename one of them",
-                            m.name,
-                            first.file.display()
+                            "shadowed: {} is also named `{}` and wins, as in A1111 (the last file in folder order); rename one of them",
+                            good[k].file.display(),
+                            good[k].name
                         ),
                     });
                 } else {

@@ -544,7 +544,7 @@ fn membrane_folder_is_scanned_recursively_and_must_exist() {
         lora.join("cat.safetensors"),
     )
     .unwrap();
-    // The same name twice: the first in path order is served.
+    // The same name twice: the last in path order wins, as in A1111.
     std::fs::create_dir_all(lora.join("zz")).unwrap();
     std::fs::copy(
         fixture("sd1/spm2.safetensors"),
@@ -559,17 +559,24 @@ fn membrane_folder_is_scanned_recursively_and_must_exist() {
     let names: Vec<&str> = list.iter().map(|m| m["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["cat", "pikachu"]);
     let pika = list.iter().find(|m| m["name"] == "pikachu").unwrap();
-    assert!(pika["file"].as_str().unwrap().contains("erasers"));
-    assert!(v["errors"].as_array().unwrap().iter().any(|e| e["error"]
+    assert!(pika["file"].as_str().unwrap().contains("zz"), "{pika}");
+    assert!(v["errors"].as_array().unwrap().iter().any(|e| e["file"]
         .as_str()
         .unwrap()
-        .contains("another membrane is named `pikachu`")));
+        .contains("erasers")
+        && e["error"].as_str().unwrap().contains("shadowed")));
+    // A membrane three folders deep is gated (here: the one in erasers/,
+    // once the clash is gone).
+    std::fs::remove_dir_all(lora.join("zz")).unwrap();
+    let (s, _) = request(&daemon.addr, "POST", "/v1/reload", &[], b"");
+    assert_eq!(s, 200);
     let (s, v) = post_gate(
         &daemon.addr,
         "",
-        r#"{"prompts":["pikachu"],"membranes":["pikachu"]}"#,
+        r#"{"prompts":["a photo of pikachu"],"membranes":["pikachu"],"metric":"tokenuni"}"#,
     );
     assert_eq!(s, 200, "{v}");
+    assert_eq!(v["results"][0]["gates"]["pikachu"]["tokenuni"], 1.0);
     // A missing folder, or a file, stops the daemon at start, naming it.
     for bad in [d.path().join("missing"), lora.join("cat.safetensors")] {
         let out = spm()
