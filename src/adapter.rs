@@ -480,6 +480,21 @@ fn check_module(inv: &Inventory, m: &Module, problems: &mut Vec<String>) {
             down.shape[0], up.shape[1]
         ));
     }
+    // NaN/inf factors would poison every file made from them (and every
+    // image): refused, naming the tensor.
+    for (part, t) in [("lora_down.weight", down), ("lora_up.weight", up)]
+        .into_iter()
+        .chain(m.alpha.as_ref().map(|a| ("alpha", a)))
+    {
+        let bad = t
+            .to_f32()
+            .map_or(0, |v| v.iter().filter(|x| !x.is_finite()).count());
+        if bad > 0 {
+            problems.push(format!(
+                "`{name}.{part}`: {bad} value(s) are NaN or infinite"
+            ));
+        }
+    }
     if let Some(a) = &m.alpha {
         if a.numel() != 1 || a.scalar_value().is_none() {
             problems.push(format!(

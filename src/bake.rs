@@ -507,6 +507,8 @@ fn apply(
     }
     let dtype = t.dtype;
     let row_bytes = per_row * elem;
+    let f16_max = half::f16::MAX.to_f32();
+    let bad: std::sync::Mutex<Option<(u64, f32)>> = std::sync::Mutex::new(None);
     let work = |first_row: usize, bytes: &mut [u8]| {
         for (b, block) in bytes.chunks_mut(row_bytes * ROW_BLOCK).enumerate() {
             let first = first_row + b * ROW_BLOCK;
@@ -529,6 +531,17 @@ fn apply(
                     }
                 }
             }
+            // A delta that overflows the weight's dtype (or a base weight
+            // that already is NaN/inf) would write a poisoned checkpoint.
+            let limit = match dtype {
+                crate::io::tensor::Dtype::F16 => f16_max,
+                _ => f32::MAX,
+            };
+            if let Some(k) = vals.iter().position(|v| !(v.abs() <= limit)) {
+                bad.lock()
+                    .expect("bad lock")
+                    .get_or_insert(((first + k / per_row) as u64, vals[k]));
+            }
             encode(dtype, &vals, block);
         }
     };
@@ -545,6 +558,21 @@ fn apply(
             s.spawn(move || work(i * rows_per, part));
         }
     });
+    if let Some((row, v)) = bad.into_inner().expect("bad lock") {
+        let names: Vec<String> = deltas
+            .iter()
+            .map(|d| d.adapter.path.display().to_string())
+            .collect();
+        return Err(Error::key(
+            src,
+            &t.name,
+            format!(
+                "baking {} gives {v:e} in row {row}, which {:?} cannot hold (NaN/inf in the base, or a delta too large for its dtype); nothing was written",
+                names.join(", "),
+                t.dtype
+            ),
+        ));
+    }
     Ok(())
 }
 

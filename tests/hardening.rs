@@ -441,3 +441,136 @@ fn strict_normalisation_sees_through_adversarial_spellings() {
     };
     assert_eq!(strip(&plain), strip(&plain_ref));
 }
+
+/// An adapter with NaN/inf factors is refused by every command that would
+/// carry them into a file, naming the tensor; a bake whose result does not
+/// fit the checkpoint's dtype (f16 overflow) writes nothing.
+#[test]
+fn poisoned_numbers_never_reach_a_file() {
+    let d = tempfile::tempdir().unwrap();
+    let key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q";
+    let src = load(&fixture("sd1/spm.safetensors"));
+    let owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = src
+        .tensors
+        .iter()
+        .map(|(k, t)| {
+            let mut bytes = t.bytes.clone();
+            if k == &format!("{key}.lora_up.weight") {
+                assert_eq!(t.dtype, safetensors::Dtype::F32);
+                bytes[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+            }
+            (k.clone(), t.dtype, t.shape.clone(), bytes)
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = owned
+        .iter()
+        .map(|(k, dt, sh, b)| {
+            (
+                k.clone(),
+                safetensors::tensor::TensorView::new(*dt, sh.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    let meta: std::collections::HashMap<String, String> =
+        src.metadata.clone().into_iter().collect();
+    let nan = d.path().join("nan.safetensors");
+    safetensors::serialize_to_file(views, Some(meta), &nan).unwrap();
+    let o = d.path().join("o.safetensors");
+    let good = fixture("sd1/spm2.safetensors");
+    let base = fixture("sd1/base_ldm.safetensors");
+    for args in [
+        vec!["convert", s(&nan), "--to", "peft", "-o", s(&o)],
+        vec!["merge", s(&good), s(&nan), "-o", s(&o)],
+        vec!["bake", "--base", s(&base), s(&nan), "-o", s(&o)],
+    ] {
+        let err = fails(&args);
+        assert!(
+            err.contains(&format!("{key}.lora_up.weight")) && err.contains("NaN"),
+            "{args:?}: {err}"
+        );
+        assert!(!o.exists());
+    }
+    let inspected = ok(&["inspect", s(&nan)]);
+    assert!(inspected.contains("NaN"), "{inspected}");
+    // f16 overflow: the fixture base is f16; a huge (finite) weight.
+    let err = fails(&[
+        "bake",
+        "--base",
+        s(&base),
+        s(&good),
+        "--weights",
+        "1e30",
+        "-o",
+        s(&o),
+    ]);
+    assert!(
+        err.contains("cannot hold") && err.contains(s(&base)),
+        "{err}"
+    );
+    assert!(!o.exists());
+    let dir_out = d.path().join("dir");
+    let err = fails(&[
+        "bake",
+        "--base",
+        s(&fixture("sd1/base")),
+        s(&good),
+        "--weights",
+        "1e30",
+        "-o",
+        s(&dir_out),
+    ]);
+    assert!(err.contains("cannot hold"), "{err}");
+    assert!(!dir_out.exists());
+    let leftovers: Vec<_> = std::fs::read_dir(d.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with(".spm-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+/// A text encoder with NaN weights is refused at load, naming the file,
+/// instead of answering `clipcos: null`.
+#[test]
+fn nan_text_encoder_is_refused_at_load() {
+    let d = tempfile::tempdir().unwrap();
+    let te = d.path().join("text_encoder");
+    std::fs::create_dir_all(&te).unwrap();
+    let src_dir = fixture("sd1/base/text_encoder");
+    std::fs::copy(src_dir.join("config.json"), te.join("config.json")).unwrap();
+    let model = load(&src_dir.join("model.safetensors"));
+    let owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = model
+        .tensors
+        .iter()
+        .map(|(k, t)| {
+            let mut b = t.bytes.clone();
+            if k.ends_with("final_layer_norm.weight") {
+                let nan = match t.dtype {
+                    safetensors::Dtype::F16 => half::f16::NAN.to_le_bytes().to_vec(),
+                    _ => f32::NAN.to_le_bytes().to_vec(),
+                };
+                b[..nan.len()].copy_from_slice(&nan);
+            }
+            (k.clone(), t.dtype, t.shape.clone(), b)
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = owned
+        .iter()
+        .map(|(k, dt, sh, b)| {
+            (
+                k.clone(),
+                safetensors::tensor::TensorView::new(*dt, sh.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &te.join("model.safetensors")).unwrap();
+    let err = fails(&[
+        "gate",
+        "--membrane",
+        s(&fixture("sd1/spm.safetensors")),
+        "--text-encoder",
+        s(&te),
+        "pikachu",
+    ]);
+    assert!(err.contains("NaN") && err.contains("text_encoder"), "{err}");
+}

@@ -256,10 +256,21 @@ impl Engine {
 
     fn encode_batch(&self, texts: &[&str]) -> Result<Vec<Encoded>> {
         let rows: Vec<Vec<u32>> = texts.iter().map(|t| self.ids(t)).collect();
-        let embeddings = match &self.encoder {
+        let embeddings: Vec<Option<Vec<f32>>> = match &self.encoder {
             Some(enc) if !rows.is_empty() => enc.embed(&rows)?.into_iter().map(Some).collect(),
             _ => vec![None; rows.len()],
         };
+        // NaN/inf weights give NaN cosines, which JSON can only show as
+        // `null`: an error instead of a poisoned gate.
+        if embeddings
+            .iter()
+            .flatten()
+            .any(|e| e.iter().any(|x| !x.is_finite()))
+        {
+            return Err(Error::usage(
+                "the text encoder produced NaN/inf hidden states (its weights are not finite)",
+            ));
+        }
         Ok(rows
             .iter()
             .zip(embeddings)
@@ -268,6 +279,11 @@ impl Engine {
                 embedding,
             })
             .collect())
+    }
+
+    /// Encode one probe text, so that a broken encoder fails at load.
+    pub fn probe(&self) -> Result<()> {
+        self.encode_batch(&["a photo"]).map(|_| ())
     }
 
     /// Tokens of a text before the 77-token cut, for request limits.

@@ -88,6 +88,9 @@ pub fn build_engine(spec: &EngineSpec) -> Result<(Engine, Option<EncoderInfo>)> 
             ),
         ));
     }
+    engine
+        .probe()
+        .map_err(|e| Error::file(path, e.to_string()))?;
     Ok((engine, Some(info)))
 }
 
