@@ -537,7 +537,7 @@ fn apply(
                 crate::io::tensor::Dtype::F16 => f16_max,
                 _ => f32::MAX,
             };
-            if let Some(k) = vals.iter().position(|v| !(v.abs() <= limit)) {
+            if let Some(k) = vals.iter().position(|v| v.is_nan() || v.abs() > limit) {
                 bad.lock()
                     .expect("bad lock")
                     .get_or_insert(((first + k / per_row) as u64, vals[k]));
