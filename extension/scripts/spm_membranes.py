@@ -149,7 +149,10 @@ class SpmFacilitatedTransport(scripts.Script):
         if not job.membranes:
             return
         if job.failed:
-            log(f"{LOG_PREFIX} WARNING: {job.result.reason}; every gate is 1.0 (full erasure)")
+            log(f"{LOG_PREFIX} WARNING: {job.result.reason}; every gate is 1.0 (full erasure)"
+                + (" except for prompts in the client cache" if "cache" in job.result.sources else ""))
+        elif job.result.degraded:
+            log(f"{LOG_PREFIX} WARNING: {job.result.reason}; gates from the client cache")
         rt = Runtime(job, log=log)
         rt.params = p.extra_generation_params
         p.extra_generation_params.update(job.infotext_params())

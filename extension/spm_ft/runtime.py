@@ -66,6 +66,8 @@ class Runtime:
                 continue
             if missing:
                 self.log(f"{LOG_PREFIX} {name}: {len(missing)} of {len(plan) + len(missing)} layers not found")
+            else:
+                self.log(f"{LOG_PREFIX} {name}: {len(plan)} layers hooked")
             self.hooks.add(name, plan)
 
     def _note(self, msg, log=True):
