@@ -52,6 +52,21 @@ def post(addr, body, timeout=120):
     return status, time.perf_counter() - t
 
 
+def oversize(addr, n):
+    """What urllib (which sends the whole body before reading) sees for an
+    n-byte body against the 2 MB limit set here."""
+    body = json.dumps({"prompts": ["a" * n]}).encode()
+    req = urllib.request.Request(f"http://{addr}/v1/gate", data=body,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return str(r.status)
+    except urllib.error.HTTPError as e:
+        return f"HTTP {e.code}"
+    except Exception as e:  # noqa: BLE001 - the point is which error
+        return f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+
+
 def run(binary, parts):
     mem = tempfile.mkdtemp()
     os.symlink(os.path.join(FIX, "spm.safetensors"), os.path.join(mem, "pikachu.safetensors"))
@@ -70,11 +85,12 @@ def run(binary, parts):
     s2, t2 = post(addr, {"prompts": ["a photo of a lighthouse at dusk"]})
     time.sleep(max(0.0, 5.0 - t2))
     c1 = cpu_seconds(p.pid)
+    sizes = {f"{n // 1000} KB body": oversize(addr, n) for n in (100_000, 3_000_000, 6_000_000)}
     p.terminate()
     p.wait()
     return {"binary": binary, "heavy_status": s1, "heavy_s": round(t1, 2),
             "next_status": s2, "next_ms": round(t2 * 1000, 1),
-            "cpu_after_504_s": round(c1 - c0, 2)}
+            "cpu_after_504_s": round(c1 - c0, 2), **sizes}
 
 
 def main():

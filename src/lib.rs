@@ -7,11 +7,16 @@
 //!
 //! Layout, one concern per module:
 //! - [`io`]: safetensors (zero-copy reads, streamed writes), pickles read as
-//!   data, atomic output.
+//!   data, and [`io::output`]: the rules that keep users' files safe (no
+//!   output is, contains or lies inside an input; atomic, ordinary
+//!   permissions; `--force` swaps only spm's own output).
 //! - [`schemes`]: module inventories (data in `converters/`), key grammar of
 //!   every naming scheme.
 //! - [`adapter`]: a file resolved into modules of an architecture.
 //! - [`inspect`], [`convert`], [`merge`], [`bake`]: the commands' logic.
+//! - [`transport`]: Facilitated Transport (tokenizer, CLIP text encoder,
+//!   WebUI prompt syntax, optional strict folding, the gate formula) and
+//!   [`serve`], its HTTP sidecar.
 //!
 //! Loading a membrane and checking it covers every transformer layer:
 //!

@@ -384,7 +384,9 @@ async fn gate(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) ->
     }
     let started = Instant::now();
     let limit = s.cfg.max_body_bytes;
-    let drain = limit.saturating_mul(16).clamp(1 << 20, 16 << 20);
+    // As nginx's lingering close: keep reading (and dropping) a while, so a
+    // client still writing can read the answer; bounded in bytes and time.
+    let drain = limit.saturating_mul(64).clamp(8 << 20, 64 << 20);
     let body = match read_body(body, &headers, limit, drain, started + s.cfg.timeout).await {
         Ok(b) => b,
         Err(BodyFail::TooLarge) => {

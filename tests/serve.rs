@@ -386,6 +386,15 @@ fn oversize_body_gets_a_readable_json_413() {
     );
     assert_eq!(status, 413, "{text}");
     assert!(json(&text)["error"].as_str().unwrap().contains("65536"));
+    // Larger than loopback's socket buffers (where a server that stops
+    // reading resets the connection): still drained, still a readable 413.
+    let big = format!(r#"{{"prompts":["{}"]}}"#, "a".repeat(6_000_000));
+    let head = format!(
+        "POST /v1/gate HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n",
+        big.len()
+    );
+    let (wrote, status, _) = write_all_then_read(&d.addr, &head, big.as_bytes());
+    assert!(wrote && status == 413, "wrote {wrote}, status {status}");
     // Chunked, without a length: the same.
     let chunk = "a".repeat(30_000);
     let mut chunked = String::new();
