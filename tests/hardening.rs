@@ -11,8 +11,8 @@ use std::path::Path;
 
 use common::*;
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
+fn s(path: &Path) -> &str {
+    p(path)
 }
 
 /// Run spm expecting failure; returns stderr.
@@ -25,13 +25,7 @@ fn fails(args: &[&str]) -> String {
 }
 
 fn ok(args: &[&str]) -> String {
-    let out = spm().args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
+    run_ok(args)
 }
 
 #[test]
@@ -77,36 +71,19 @@ fn non_finite_and_meaningless_numbers_are_refused_by_name() {
     // Spaces after commas are fine, and a negative LoRA weight means
     // "subtract": the merged delta is 1·A − 0.5·B, checked on one module.
     ok(&["merge", s(&a), s(&b), "--weights", "1, -0.5", "-o", s(&o)]);
-    let merged = load(&o);
-    let (la, lb) = (load(&a), load(&b));
+    let merged = modules(&load(&o));
+    let (la, lb) = (modules(&load(&a)), modules(&load(&b)));
     let key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q";
-    let delta = |l: &Loaded, scale: f64| -> Vec<f64> {
-        let up = l.tensors[&format!("{key}.lora_up.weight")].values();
-        let down = l.tensors[&format!("{key}.lora_down.weight")].values();
-        let r = l.tensors[&format!("{key}.lora_down.weight")].shape[0];
-        let alpha = l
-            .tensors
-            .get(&format!("{key}.alpha"))
-            .map_or(r as f64, |t| t.values()[0]);
-        let (o_dim, i_dim) = (up.len() / r, down.len() / r);
-        let mut out = vec![0.0; o_dim * i_dim];
-        for o in 0..o_dim {
-            for i in 0..i_dim {
-                for k in 0..r {
-                    out[o * i_dim + i] +=
-                        scale * alpha / r as f64 * up[o * r + k] * down[k * i_dim + i];
-                }
-            }
-        }
-        out
+    let of = |m: &std::collections::BTreeMap<String, std::collections::BTreeMap<String, T>>| {
+        let t = &m[key];
+        delta(&t["lora_down.weight"], &t["lora_up.weight"], t.get("alpha"))
     };
-    let want: Vec<f64> = delta(&la, 1.0)
+    let want: Vec<f64> = of(&la)
         .iter()
-        .zip(delta(&lb, -0.5))
-        .map(|(x, y)| x + y)
+        .zip(of(&lb))
+        .map(|(x, y)| x - 0.5 * y)
         .collect();
-    let got = delta(&merged, 1.0);
-    for (g, w) in got.iter().zip(&want) {
+    for (g, w) in of(&merged).iter().zip(&want) {
         assert!((g - w).abs() < 1e-5 * (1.0 + w.abs()), "{g} vs {w}");
     }
 }
@@ -283,30 +260,15 @@ fn bake_checks_architectures_and_names_both_files() {
 fn bake_shape_mismatch_names_everything() {
     let d = tempfile::tempdir().unwrap();
     let key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q";
-    let src = load(&fixture("sd1/spm.safetensors"));
-    let mut tensors: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
-    for (k, t) in &src.tensors {
-        let (mut shape, mut bytes) = (t.shape.clone(), t.bytes.clone());
-        if k == &format!("{key}.lora_down.weight") {
-            // One input column too many.
-            shape[1] += 1;
-            bytes.extend(std::iter::repeat_n(0u8, t.dtype.bitsize() / 8 * shape[0]));
-        }
-        tensors.push((k.clone(), t.dtype, shape, bytes));
-    }
     let bad = d.path().join("bad.safetensors");
-    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
-        .iter()
-        .map(|(k, dt, sh, b)| {
-            (
-                k.clone(),
-                safetensors::tensor::TensorView::new(*dt, sh.clone(), b).unwrap(),
-            )
-        })
-        .collect();
-    let meta: std::collections::HashMap<String, String> =
-        src.metadata.clone().into_iter().collect();
-    safetensors::serialize_to_file(views, Some(meta), &bad).unwrap();
+    rewrite(&fixture("sd1/spm.safetensors"), &bad, |k, t| {
+        if k == format!("{key}.lora_down.weight") {
+            // One input column too many.
+            t.shape[1] += 1;
+            let n = t.dtype.bitsize() / 8 * t.shape[0];
+            t.bytes.extend(std::iter::repeat_n(0u8, n));
+        }
+    });
     let base = fixture("sd1/base_ldm.safetensors");
     let o = d.path().join("o.safetensors");
     let err = fails(&["bake", "--base", s(&base), s(&bad), "-o", s(&o)]);
@@ -330,34 +292,17 @@ fn small_vocabulary_encoder_is_named_at_load() {
     let rows = 1000usize;
     cfg["vocab_size"] = rows.into();
     std::fs::write(te.join("config.json"), cfg.to_string()).unwrap();
-    let model = load(&src_dir.join("model.safetensors"));
-    let owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = model
-        .tensors
-        .iter()
-        .map(|(k, t)| {
+    rewrite(
+        &src_dir.join("model.safetensors"),
+        &te.join("model.safetensors"),
+        |k, t| {
             if k.ends_with("token_embedding.weight") {
                 let row = t.bytes.len() / t.shape[0];
-                (
-                    k.clone(),
-                    t.dtype,
-                    vec![rows, t.shape[1]],
-                    t.bytes[..row * rows].to_vec(),
-                )
-            } else {
-                (k.clone(), t.dtype, t.shape.clone(), t.bytes.clone())
+                t.shape[0] = rows;
+                t.bytes.truncate(row * rows);
             }
-        })
-        .collect();
-    let views: Vec<(String, safetensors::tensor::TensorView)> = owned
-        .iter()
-        .map(|(k, dt, sh, b)| {
-            (
-                k.clone(),
-                safetensors::tensor::TensorView::new(*dt, sh.clone(), b).unwrap(),
-            )
-        })
-        .collect();
-    safetensors::serialize_to_file(views, None, &te.join("model.safetensors")).unwrap();
+        },
+    );
     let err = fails(&[
         "gate",
         "--membrane",
@@ -449,32 +394,13 @@ fn strict_normalisation_sees_through_adversarial_spellings() {
 fn poisoned_numbers_never_reach_a_file() {
     let d = tempfile::tempdir().unwrap();
     let key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q";
-    let src = load(&fixture("sd1/spm.safetensors"));
-    let owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = src
-        .tensors
-        .iter()
-        .map(|(k, t)| {
-            let mut bytes = t.bytes.clone();
-            if k == &format!("{key}.lora_up.weight") {
-                assert_eq!(t.dtype, safetensors::Dtype::F32);
-                bytes[..4].copy_from_slice(&f32::NAN.to_le_bytes());
-            }
-            (k.clone(), t.dtype, t.shape.clone(), bytes)
-        })
-        .collect();
-    let views: Vec<(String, safetensors::tensor::TensorView)> = owned
-        .iter()
-        .map(|(k, dt, sh, b)| {
-            (
-                k.clone(),
-                safetensors::tensor::TensorView::new(*dt, sh.clone(), b).unwrap(),
-            )
-        })
-        .collect();
-    let meta: std::collections::HashMap<String, String> =
-        src.metadata.clone().into_iter().collect();
     let nan = d.path().join("nan.safetensors");
-    safetensors::serialize_to_file(views, Some(meta), &nan).unwrap();
+    rewrite(&fixture("sd1/spm.safetensors"), &nan, |k, t| {
+        if k == format!("{key}.lora_up.weight") {
+            assert_eq!(t.dtype, safetensors::Dtype::F32);
+            t.bytes[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+        }
+    });
     let o = d.path().join("o.safetensors");
     let good = fixture("sd1/spm2.safetensors");
     let base = fixture("sd1/base_ldm.safetensors");
@@ -538,32 +464,19 @@ fn nan_text_encoder_is_refused_at_load() {
     std::fs::create_dir_all(&te).unwrap();
     let src_dir = fixture("sd1/base/text_encoder");
     std::fs::copy(src_dir.join("config.json"), te.join("config.json")).unwrap();
-    let model = load(&src_dir.join("model.safetensors"));
-    let owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = model
-        .tensors
-        .iter()
-        .map(|(k, t)| {
-            let mut b = t.bytes.clone();
+    rewrite(
+        &src_dir.join("model.safetensors"),
+        &te.join("model.safetensors"),
+        |k, t| {
             if k.ends_with("final_layer_norm.weight") {
                 let nan = match t.dtype {
                     safetensors::Dtype::F16 => half::f16::NAN.to_le_bytes().to_vec(),
                     _ => f32::NAN.to_le_bytes().to_vec(),
                 };
-                b[..nan.len()].copy_from_slice(&nan);
+                t.bytes[..nan.len()].copy_from_slice(&nan);
             }
-            (k.clone(), t.dtype, t.shape.clone(), b)
-        })
-        .collect();
-    let views: Vec<(String, safetensors::tensor::TensorView)> = owned
-        .iter()
-        .map(|(k, dt, sh, b)| {
-            (
-                k.clone(),
-                safetensors::tensor::TensorView::new(*dt, sh.clone(), b).unwrap(),
-            )
-        })
-        .collect();
-    safetensors::serialize_to_file(views, None, &te.join("model.safetensors")).unwrap();
+        },
+    );
     let err = fails(&[
         "gate",
         "--membrane",

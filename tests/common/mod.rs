@@ -97,6 +97,21 @@ pub fn save(path: &Path, tensors: &[(String, T)], metadata: &HashMap<String, Str
     safetensors::serialize_to_file(views, Some(metadata.clone()), path).unwrap();
 }
 
+/// Copy a safetensors file with some tensors changed by `edit(key, tensor)`
+/// (metadata kept), through the `safetensors` crate.
+pub fn rewrite(src: &Path, dst: &Path, mut edit: impl FnMut(&str, &mut T)) {
+    let l = load(src);
+    let tensors: Vec<(String, T)> = l
+        .tensors
+        .into_iter()
+        .map(|(k, mut t)| {
+            edit(&k, &mut t);
+            (k, t)
+        })
+        .collect();
+    save(dst, &tensors, &l.metadata);
+}
+
 /// Run spm with `args`, asserting success; returns stdout.
 pub fn run_ok(args: &[&str]) -> String {
     let out = spm().args(args).output().unwrap();
