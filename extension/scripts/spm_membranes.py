@@ -255,6 +255,8 @@ def start_sidecar():
         log(f"{LOG_PREFIX} sidecar started: {url}")
     except Exception as e:
         log(f"{LOG_PREFIX} WARNING: could not start the sidecar: {e}")
+        return
+    _sidecar.hold()  # this daemon thread lives until stop() or the WebUI's exit; so does the sidecar
 
 
 def on_app_started(demo, app):

@@ -38,3 +38,45 @@ def test_start_failure_is_reported(tmp_path):
     with pytest.raises(RuntimeError, match="did not start"):
         s.start(serve_command(SPM_BIN, 0, str(tmp_path), str(tmp_path / "no-such-encoder")), wait_s=30)
     assert not s.running()
+
+
+def test_sidecar_dies_with_the_webui(mem_dir, tmp_path):
+    """The WebUI leaves with os._exit on Ctrl-C and restart (A1111 v1.10.1
+    modules/initialize_util.py:163-169, modules/restart.py:25): no atexit handler
+    runs. The sidecar must not outlive it (Linux: parent-death signal)."""
+    import subprocess
+    import sys
+    import time
+
+    need_binary()
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the parent-death tie is Linux-only")
+    ext = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = (
+        "import os, sys, threading, time; sys.path.insert(0, %r)\n"
+        "from spm_ft.sidecar import Sidecar, serve_command\n"
+        "s = Sidecar()\n"
+        "def run():\n"
+        "    s.start(serve_command(%r, 0, %r))\n"
+        "    print(s.proc.pid, flush=True)\n"
+        "    s.hold()\n"
+        "threading.Thread(target=run, daemon=True).start()\n"
+        "time.sleep(60)\n" % (ext, SPM_BIN, str(mem_dir)))
+    webui = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    pid = int(webui.stdout.readline())
+    os.kill(pid, 0)  # the sidecar runs
+    webui.kill()  # like os._exit: no cleanup in the parent
+    webui.wait()
+    for _ in range(100):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        try:  # reap it if it became our zombie (it is not our child: ignore)
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.05)
+    else:
+        os.kill(pid, 9)
+        pytest.fail("the sidecar outlived the WebUI process")
