@@ -134,8 +134,16 @@ class Runtime:
         rows = a1111_rows_for_tensor(self.x_in, x, self.layout) if self.layout else None
         self._set_rows(rows, int(x.shape[0]))
 
+    def _hooked(self, module) -> bool:
+        """Whether ``module`` already has our pre-hook. The entry holds the module
+        itself: an ``id`` alone can be reused by a new object once the old one is
+        freed (A1111 builds a new sampler, and so a new ``inner_model``, for every
+        batch and for the hires pass), which would leave the new one unhooked."""
+        entry = self._pre_handles.get(id(module))
+        return entry is not None and entry[0] is module
+
     def install_a1111_prehook(self, inner_model):
-        if id(inner_model) in self._pre_handles:
+        if self._hooked(inner_model):
             return
 
         def pre(module, args, kwargs=None):
@@ -143,7 +151,7 @@ class Runtime:
                 self.a1111_pre(args[0])
             return None
 
-        self._pre_handles[id(inner_model)] = inner_model.register_forward_pre_hook(pre)
+        self._pre_handles[id(inner_model)] = (inner_model, inner_model.register_forward_pre_hook(pre))
 
     # Forge / reForge -----------------------------------------------------
     def forge_pre(self, x, transformer_options):
@@ -152,7 +160,7 @@ class Runtime:
         self._set_rows(rows, int(x.shape[0]))
 
     def install_forge_prehook(self, diffusion_model):
-        if id(diffusion_model) in self._pre_handles:
+        if self._hooked(diffusion_model):
             return
 
         def pre(module, args, kwargs):
@@ -161,11 +169,12 @@ class Runtime:
                 self.forge_pre(x, kwargs.get("transformer_options") or {})
             return None
 
-        self._pre_handles[id(diffusion_model)] = diffusion_model.register_forward_pre_hook(pre, with_kwargs=True)
+        self._pre_handles[id(diffusion_model)] = (
+            diffusion_model, diffusion_model.register_forward_pre_hook(pre, with_kwargs=True))
 
     # -- teardown -------------------------------------------------------------
     def close(self):
-        for h in self._pre_handles.values():
+        for _, h in self._pre_handles.values():
             h.remove()
         self._pre_handles.clear()
         self.hooks.remove()

@@ -369,7 +369,8 @@ def check_rows(record, unet, factors, want):
         layout = [i for i, r in enumerate(reps) for _ in range(r)] + list(range(len(reps)))
         for r, s in enumerate(layout):
             ref = reference(unet, x_in[r:r + 1], {"spm": want[(it, hires)][s]}, factors)
-            torch.testing.assert_close(out[r:r + 1], ref, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(out[r:r + 1], ref, atol=1e-5, rtol=1e-5,
+                                       msg=lambda m: f"batch {it} hires {hires} row {r} (sample {s}): {m}")
 
 
 def test_n_iter_2_infotext_gates_per_image(webui):
@@ -442,3 +443,25 @@ def test_dead_sidecar_cached_gates_are_marked(webui):
     (_, c), = processing.process_images(p, a1111_sampler(unet, [])).infotexts
     assert c["SPM gate source"] == "cache" and c["SPM gates"] == first.infotexts[1][1]["SPM gates"]
     assert c["SPM note"].startswith("sidecar unreachable, gates from the client cache")
+
+
+def test_new_inner_model_at_a_reused_id_gets_hooked(webui):
+    """A1111 makes a new sampler (so a new denoiser.inner_model) for every batch and
+    for the hires pass; once the old one is freed its id can be reused. The pre-hook
+    that maps rows must still be installed on the new object."""
+    from spm_ft.runtime import Runtime
+
+    torch.manual_seed(9)
+    unet = TinyUNet()
+    runner, _ = job_runner(None)
+    p = StableDiffusionProcessing(["a photo of pikachu <lora:spm:1>", "a dog"], 2, A1111Model(unet), scripts=runner)
+    p.scripts.process(p)
+    rt = S._state["runtime"]
+    assert isinstance(rt, Runtime)
+    old, new = Inner(unet), Inner(unet)
+    rt.install_a1111_prehook(old)
+    handle = rt._pre_handles.pop(id(old))
+    rt._pre_handles[id(new)] = handle  # as if `new` had been allocated where `old` was
+    rt.install_a1111_prehook(new)
+    assert new._forward_pre_hooks, "the new inner model was left without the row-map pre-hook"
+    S.SpmFacilitatedTransport._close()

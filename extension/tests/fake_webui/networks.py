@@ -1,8 +1,9 @@
 """Stand-in for the built-in Lora extension's ``networks`` module (A1111).
 
-``convert_diffusers_name_to_compvis(key, is_sd2)`` and ``available_network_aliases``
-are real names (A1111 v1.10.1 ``extensions-builtin/Lora/networks.py``). Here the
-conversion only maps the test UNet's kohya names. ``ExtraNetworkLora`` records what
+``convert_diffusers_name_to_compvis(key, is_sd2)`` (A1111 v1.10.1
+``extensions-builtin/Lora/networks.py:56``), ``sd_model.network_layer_mapping`` (set at
+l.122-147, looked up with the converted key at l.206) and ``available_network_aliases``
+are real names. Here the conversion only maps the test UNet's kohya names. ``ExtraNetworkLora`` records what
 the built-in loader would load (``positional[0]`` is the name, as in
 ``extensions-builtin/Lora/extra_networks_lora.py:30``)."""
 
