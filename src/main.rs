@@ -370,7 +370,7 @@ struct GateArgs {
     #[arg(long, value_enum, default_value = "reference")]
     curve: Curve,
     /// Multiply every rate by this factor ≥ 0 (SPM's --facilitate_factor).
-    #[arg(long, default_value_t = 1.0, value_parser = non_negative_f64, allow_hyphen_values = true)]
+    #[arg(long, default_value_t = 1.0, value_parser = facilitate_factor, allow_hyphen_values = true)]
     facilitate: f64,
     /// Prompt text as typed (reference), or folded first (strict): NFKC, zero-width
     /// characters and combining marks removed, confusable letters mapped to Latin, so that
@@ -423,20 +423,22 @@ fn main() -> ExitCode {
 }
 
 /// A finite number; spaces around it are fine ("1, 0.5").
-fn finite_f32(s: &str) -> std::result::Result<f32, String> {
-    let v: f32 = s
-        .trim()
-        .parse()
-        .map_err(|_| format!("`{}` is not a number", s.trim()))?;
-    if v.is_finite() {
+fn finite<T: std::str::FromStr + Into<f64> + Copy>(s: &str) -> std::result::Result<T, String> {
+    let s = s.trim();
+    let v: T = s.parse().map_err(|_| format!("`{s}` is not a number"))?;
+    if v.into().is_finite() {
         Ok(v)
     } else {
-        Err(format!("`{}`: must be a finite number", s.trim()))
+        Err(format!("`{s}`: must be a finite number"))
     }
 }
 
+fn finite_f32(s: &str) -> std::result::Result<f32, String> {
+    finite(s)
+}
+
 fn non_negative_f32(s: &str) -> std::result::Result<f32, String> {
-    let v = finite_f32(s)?;
+    let v: f32 = finite(s)?;
     if v < 0.0 {
         return Err(format!(
             "`{}`: must be ≥ 0 (a membrane strength; under the reference curve -m acts as m)",
@@ -446,15 +448,9 @@ fn non_negative_f32(s: &str) -> std::result::Result<f32, String> {
     Ok(v)
 }
 
-fn non_negative_f64(s: &str) -> std::result::Result<f64, String> {
-    let v: f64 = s
-        .trim()
-        .parse()
-        .map_err(|_| format!("`{}` is not a number", s.trim()))?;
-    if !v.is_finite() || v < 0.0 {
-        return Err(format!("`{}`: must be a finite number ≥ 0", s.trim()));
-    }
-    Ok(v)
+/// `--facilitate`: the engine's own rule.
+fn facilitate_factor(s: &str) -> std::result::Result<f64, String> {
+    spm::transport::gate::check_facilitate(finite(s)?)
 }
 
 fn weights_for(weights: &[f32], n: usize) -> Result<Vec<f32>> {

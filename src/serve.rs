@@ -46,9 +46,8 @@ use tracing::{info, warn};
 use crate::convert::Curve;
 use crate::error::{Error, Result};
 use crate::transport::clip::EncoderInfo;
-use crate::transport::gate::{Engine, GateOptions, Membrane, Metric};
-use crate::transport::prompt::normalize;
-use crate::transport::strict::{self, Normalize};
+use crate::transport::gate::{sub_prompts, Engine, GateOptions, Membrane, Metric};
+use crate::transport::strict::Normalize;
 
 /// Limits and defaults of a running daemon.
 #[derive(Debug, Clone)]
@@ -425,17 +424,6 @@ async fn gate(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) ->
             ),
         );
     }
-    // serde_json never yields NaN or ±inf from JSON text (they are not JSON),
-    // but a huge exponent overflows to inf; negatives are refused because the
-    // reference curve would square them back to a positive strength.
-    if let Some(f) = req.facilitate {
-        if !f.is_finite() || f < 0.0 {
-            return err(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                format!("`facilitate`: {f} is not a finite number ≥ 0"),
-            );
-        }
-    }
     let opts = GateOptions {
         metric: req.metric.unwrap_or(s.cfg.defaults.metric),
         curve: req.curve.unwrap_or(s.cfg.defaults.curve),
@@ -484,10 +472,16 @@ async fn gate(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) ->
             let _permit = permit;
             let engine = s2.engine.read().expect("engine lock");
             let (mut parts, mut tokens) = (0usize, 0usize);
-            for p in &req.prompts {
-                for sub in normalize(&strict::apply(opts.normalize, p)) {
+            // Split once: the same sub-prompts are counted, then gated.
+            let split: Vec<Vec<String>> = req
+                .prompts
+                .iter()
+                .map(|p| sub_prompts(p, opts.normalize))
+                .collect();
+            for subs in &split {
+                for sub in subs {
                     parts += 1;
-                    tokens += engine.token_count(&sub);
+                    tokens += engine.token_count(sub);
                     if parts % 64 == 0 && cancel.load(Ordering::Relaxed) {
                         return Err(GateFail::Failed(Error::Cancelled));
                     }
@@ -510,9 +504,10 @@ async fn gate(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) ->
             }
             req.prompts
                 .iter()
-                .map(|p| {
+                .zip(&split)
+                .map(|(p, subs)| {
                     let gates = engine
-                        .gate_until(p, req.membranes.as_deref(), &opts, Some(&cancel))
+                        .gate_parts(subs, req.membranes.as_deref(), &opts, Some(&cancel))
                         .map_err(GateFail::Failed)?;
                     Ok(GateResult {
                         prompt: p.clone(),

@@ -149,16 +149,18 @@ fn parent_dir(out: &Path) -> PathBuf {
     }
 }
 
-/// Temp-file builder whose files get ordinary permissions: `0666` less the
-/// umask (open(2) applies it), like `File::create`. tempfile's default is
-/// `0600`, which a rename would carry into the output.
-fn builder() -> tempfile::Builder<'static, 'static> {
+/// Temp builder whose entries get ordinary permissions: `mode` (`0666` for
+/// files, `0777` for folders) less the umask, which open(2)/mkdir(2) apply,
+/// like `File::create`. tempfile's file default is `0600`, which a rename
+/// would carry into the output.
+#[cfg_attr(not(unix), allow(unused_variables))]
+fn builder(mode: u32) -> tempfile::Builder<'static, 'static> {
     let mut b = tempfile::Builder::new();
     b.prefix(".spm-tmp-");
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        b.permissions(std::fs::Permissions::from_mode(0o666));
+        b.permissions(std::fs::Permissions::from_mode(mode));
     }
     b
 }
@@ -174,7 +176,7 @@ impl AtomicFile {
     pub fn create(dest: &Path) -> Result<Self> {
         let dir = parent_dir(dest);
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        let tmp = builder()
+        let tmp = builder(0o666)
             .tempfile_in(&dir)
             .map_err(|e| Error::io(&dir, e))?;
         Ok(AtomicFile {
@@ -267,14 +269,9 @@ impl AtomicDir {
     pub fn create(dest: &Path) -> Result<Self> {
         let dir = parent_dir(dest);
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        let mut b = tempfile::Builder::new();
-        b.prefix(".spm-tmp-");
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            b.permissions(std::fs::Permissions::from_mode(0o777));
-        }
-        let tmp = b.tempdir_in(&dir).map_err(|e| Error::io(&dir, e))?;
+        let tmp = builder(0o777)
+            .tempdir_in(&dir)
+            .map_err(|e| Error::io(&dir, e))?;
         Ok(AtomicDir {
             dest: dest.to_path_buf(),
             tmp: Some(tmp),

@@ -52,14 +52,13 @@ pub enum Metric {
 }
 
 impl Metric {
-    /// The name users type (`--metric`, the `metric` field).
-    pub fn name(self) -> &'static str {
-        match self {
-            Metric::Clipcos => "clipcos",
-            Metric::Tokenuni => "tokenuni",
-            Metric::ClipcosTokenuni => "clipcos_tokenuni",
-            Metric::Allone => "allone",
-        }
+    /// The name users type (`--metric`, the `metric` field), from the one
+    /// table clap and serde already share.
+    pub fn name(self) -> String {
+        clap::ValueEnum::to_possible_value(&self)
+            .expect("no skipped variants")
+            .get_name()
+            .to_string()
     }
 
     pub fn needs_encoder(self) -> bool {
@@ -78,6 +77,23 @@ pub struct GateOptions {
     pub facilitate: f64,
     /// How the prompt text is prepared (reference: as typed).
     pub normalize: Normalize,
+}
+
+/// The one rule for a facilitate factor, shared by the CLI, the sidecar and
+/// the engine: finite and ≥ 0, because a negative factor would square back
+/// to a positive strength under the reference curve.
+pub fn check_facilitate(f: f64) -> std::result::Result<f64, String> {
+    if f.is_finite() && f >= 0.0 {
+        Ok(f)
+    } else {
+        Err(format!("{f} is not a finite number ≥ 0"))
+    }
+}
+
+/// A WebUI prompt as the gates see it: folded under `mode`, WebUI syntax
+/// removed, split into its `AND` sub-prompts (see `transport::prompt`).
+pub fn sub_prompts(prompt: &str, mode: Normalize) -> Vec<String> {
+    normalize(&strict::apply(mode, prompt))
 }
 
 impl Default for GateOptions {
@@ -335,14 +351,15 @@ impl Engine {
         names: Option<&[String]>,
         opts: &GateOptions,
     ) -> Result<Vec<(String, Gate)>> {
-        self.gate_until(prompt, names, opts, None)
+        self.gate_parts(&sub_prompts(prompt, opts.normalize), names, opts, None)
     }
 
-    /// [`Engine::gate`], giving up with [`Error::Cancelled`] between
-    /// sub-prompts once `cancel` is set.
-    pub fn gate_until(
+    /// [`Engine::gate`] of a prompt already split by [`sub_prompts`] (the
+    /// sidecar splits once, to count before it computes), giving up with
+    /// [`Error::Cancelled`] between sub-prompts once `cancel` is set.
+    pub fn gate_parts(
         &self,
-        prompt: &str,
+        parts: &[String],
         names: Option<&[String]>,
         opts: &GateOptions,
         cancel: Option<&Cancel>,
@@ -353,12 +370,8 @@ impl Engine {
                 opts.metric.name()
             )));
         }
-        if !opts.facilitate.is_finite() || opts.facilitate < 0.0 {
-            return Err(Error::usage(format!(
-                "facilitate factor {}: must be a finite number ≥ 0",
-                opts.facilitate
-            )));
-        }
+        check_facilitate(opts.facilitate)
+            .map_err(|m| Error::usage(format!("`facilitate`: {m}")))?;
         let selected: Vec<usize> = match names {
             None => (0..self.membranes.len()).collect(),
             Some(names) => names
@@ -371,7 +384,9 @@ impl Engine {
                 })
                 .collect::<Result<_>>()?,
         };
-        let parts = normalize(&strict::apply(opts.normalize, prompt));
+        if parts.is_empty() {
+            return Err(Error::usage("no sub-prompts to gate"));
+        }
         let scored = parts
             .iter()
             .map(|p| {

@@ -50,15 +50,6 @@ pub enum Normalize {
     Strict,
 }
 
-impl Normalize {
-    pub fn name(self) -> &'static str {
-        match self {
-            Normalize::Reference => "reference",
-            Normalize::Strict => "strict",
-        }
-    }
-}
-
 /// Unicode 15.1 `Default_Ignorable_Code_Point` (DerivedCoreProperties.txt).
 const IGNORABLE: &[(u32, u32)] = &[
     (0x00AD, 0x00AD),

@@ -223,7 +223,6 @@ impl ClipTokenizer {
         })
     }
 
-    /// Token ids of `text`, without BOS/EOS, padding or truncation.
     /// The highest id this tokenizer can emit (vocabulary, added and special
     /// tokens, unknown), to check against a text encoder's embedding rows.
     pub fn max_id(&self) -> u32 {
@@ -238,6 +237,7 @@ impl ClipTokenizer {
             .unwrap_or(0)
     }
 
+    /// Token ids of `text`, without BOS/EOS, padding or truncation.
     pub fn encode(&self, text: &str) -> Vec<u32> {
         self.encode_split(text, None)
     }
