@@ -20,7 +20,7 @@ use spm::io::tensor::{Dtype, RawTensor};
 use spm::merge;
 use spm::schemes::{Arch, Scheme};
 use spm::serve::{self as daemon, ServeConfig};
-use spm::transport::clip::{Activation, LoadOptions};
+use spm::model::clip::{Activation, LoadOptions};
 use spm::transport::gate::{GateOptions, Membrane, Metric};
 use spm::transport::strict::Normalize;
 use spm::transport::{build_engine, EngineSpec};

@@ -45,7 +45,7 @@ use tracing::{info, warn};
 
 use crate::convert::Curve;
 use crate::error::{Error, Result};
-use crate::transport::clip::EncoderInfo;
+use crate::model::clip::EncoderInfo;
 use crate::transport::gate::{sub_prompts, Engine, GateOptions, Membrane, Metric};
 use crate::transport::strict::Normalize;
 

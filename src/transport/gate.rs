@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
-use super::clip::{cosine, ClipTextModel};
+use crate::model::clip::{cosine, ClipTextModel};
 use super::prompt::normalize;
 use super::strict::{self, Normalize};
 use super::tokenizer::ClipTokenizer;
@@ -189,9 +189,19 @@ pub struct Engine {
 impl Engine {
     /// `pad_id`: 49407 (EOS) for SD1's tokenizer, 0 ("!") for SD2's.
     pub fn new(tokenizer: ClipTokenizer, encoder: Option<ClipTextModel>, pad_id: u32) -> Engine {
+        Self::shared(Arc::new(tokenizer), encoder.map(Arc::new), pad_id)
+    }
+
+    /// An engine over a tokenizer and encoder that something else uses too
+    /// (`spm generate` conditions its UNet with the same encoder).
+    pub fn shared(
+        tokenizer: Arc<ClipTokenizer>,
+        encoder: Option<Arc<ClipTextModel>>,
+        pad_id: u32,
+    ) -> Engine {
         Engine {
-            tokenizer: Arc::new(tokenizer),
-            encoder: encoder.map(Arc::new),
+            tokenizer,
+            encoder,
             pad_id,
             membranes: Vec::new(),
             cache: Mutex::new(lru::LruCache::new(

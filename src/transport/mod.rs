@@ -1,7 +1,6 @@
 //! Facilitated Transport (FT): per-prompt gates for membranes, computed as
 //! SPM's reference does (spm-reference.md §3), from a CLIP text encoder run
-//! in candle.
-pub mod clip;
+//! in candle ([`crate::model::clip`]).
 pub mod ftfy;
 pub mod gate;
 pub mod prompt;
@@ -11,7 +10,7 @@ pub mod tokenizer;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use clip::{EncoderInfo, LoadOptions};
+use crate::model::clip::{self, EncoderInfo, LoadOptions};
 use gate::{Engine, EOS};
 use tokenizer::ClipTokenizer;
 
@@ -40,7 +39,7 @@ fn tokenizer_dir(model: &Path) -> Option<PathBuf> {
 
 /// The pad id a tokenizer folder declares: "!" is id 0 (SD2), the end token
 /// is 49407 (SD1).
-fn folder_pad_id(dir: &Path) -> Option<u32> {
+pub(crate) fn folder_pad_id(dir: &Path) -> Option<u32> {
     let text = std::fs::read_to_string(dir.join("special_tokens_map.json")).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
     let pad = &v["pad_token"];

@@ -1,6 +1,7 @@
 //! The CLIP text transformer, in candle, returning `last_hidden_state`
 //! (after the final layer norm) — the embedding SPM's Facilitated Transport
-//! compares prompts with (spm-reference.md §3.1).
+//! compares prompts with (spm-reference.md §3.1) and the UNet is
+//! conditioned on (with A1111's clip skip where asked).
 //!
 //! Written here rather than taken from candle-transformers because FT needs
 //! every activation HF configs name (`quick_gelu` for OpenAI CLIP, exact
@@ -171,6 +172,26 @@ impl ClipTextModel {
     /// `last_hidden_state` for a batch of padded id rows (causal attention,
     /// no padding mask — as the reference calls `text_encoder(ids)`).
     pub fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_skip(ids, 1)
+    }
+
+    /// The hidden state A1111's "Clip skip" `n` conditions on: the output of
+    /// the `n`-th layer from the end, through the final layer norm (`n` = 1
+    /// is `last_hidden_state`; diffusers' `clip_skip` is `n − 1`). For an
+    /// SD2 encoder, whose penultimate layer is already its last here, `n`
+    /// counts from there as A1111 does.
+    pub fn forward_skip(&self, ids: &Tensor, clip_skip: usize) -> candle_core::Result<Tensor> {
+        let keep = self
+            .layers
+            .len()
+            .checked_sub(clip_skip.max(1) - 1)
+            .filter(|k| *k > 0)
+            .ok_or_else(|| {
+                candle_core::Error::Msg(format!(
+                    "clip skip {clip_skip} leaves no layer of {}",
+                    self.layers.len()
+                ))
+            })?;
         let (_, t) = ids.dims2()?;
         let positions = Tensor::arange(0u32, t as u32, ids.device())?;
         let x = self
@@ -179,7 +200,7 @@ impl ClipTextModel {
             .broadcast_add(&self.position_embedding.forward(&positions)?)?;
         let mask = causal_mask(t, ids.device())?;
         let mut x = x;
-        for layer in &self.layers {
+        for layer in &self.layers[..keep] {
             x = layer.forward(&x, &mask)?;
         }
         self.final_layer_norm.forward(&x)

@@ -1,0 +1,429 @@
+//! A Stable Diffusion 1.x/2.x model as one value: UNet (with the adapters it
+//! was asked to carry), VAE, CLIP text encoder, tokenizer and the scheduler
+//! config, loaded from a diffusers folder or an LDM single file.
+//!
+//! `spm generate` and the trainer both start here, so there is one way to
+//! read a checkpoint.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use serde::Serialize;
+
+use super::clip::{self, ClipTextModel, LoadOptions};
+use super::load::{self, Store};
+use super::nn::{AdapterSet, Builder, Factor, Rows};
+use super::unet::{UNet, UNetConfig};
+use super::vae::{Vae, VaeConfig};
+use crate::adapter::Adapter;
+use crate::error::{Error, Result};
+use crate::schemes::{Arch, Component};
+use crate::transport::tokenizer::ClipTokenizer;
+
+/// How to load.
+#[derive(Debug, Clone)]
+pub struct LoadSpec {
+    /// A diffusers pipeline folder or an LDM `.safetensors`/`.ckpt`.
+    pub model: PathBuf,
+    /// A diffusers folder whose configs describe a single-file checkpoint
+    /// (as diffusers' `from_single_file(config=…)`); built-in SD1/SD2
+    /// configs otherwise.
+    pub config: Option<PathBuf>,
+    pub device: Device,
+    pub dtype: DType,
+    /// Load the VAE encoder too (the trainer's `--images`).
+    pub vae_encoder: bool,
+    /// `epsilon` or `v_prediction`, overriding the model's own.
+    pub prediction_type: Option<String>,
+}
+
+/// What was loaded, for reports and infotext.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelInfo {
+    pub path: PathBuf,
+    /// `diffusers` or `ldm`.
+    pub layout: &'static str,
+    /// SD1 / SD2 when the cross-attention width says so (768 / 1024).
+    pub arch: Option<&'static str>,
+    pub prediction_type: String,
+    /// How the prediction type was decided.
+    pub prediction_source: String,
+    /// The name A1111 would show (`Model:` in infotext).
+    pub name: String,
+}
+
+/// A loaded model.
+pub struct StableDiffusion {
+    pub unet: UNet,
+    pub vae: Vae,
+    pub text: Arc<ClipTextModel>,
+    pub tokenizer: Arc<ClipTokenizer>,
+    pub pad_id: u32,
+    /// `scheduler_config.json` as JSON (prediction type already settled).
+    pub scheduler: serde_json::Value,
+    pub info: ModelInfo,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+const SD_SCHEDULER: &str = r#"{"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+  "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": false,
+  "skip_prk_steps": true, "steps_offset": 1, "clip_sample": false, "prediction_type": "epsilon"}"#;
+
+fn map_candle<'a>(path: &'a Path, what: &str) -> impl Fn(candle_core::Error) -> Error + 'a {
+    let what = what.to_string();
+    move |e| Error::file(path, format!("{what}: {e}"))
+}
+
+/// Adapters as the UNet's layers take them: slot k = `adapters[k]`.
+/// Only plain LoRA factors (every naming scheme `spm` reads); text-encoder
+/// modules are counted and returned so the caller can say they are unused.
+pub fn adapter_set(
+    adapters: &[Adapter],
+    dtype: DType,
+    device: &Device,
+) -> Result<(AdapterSet, usize)> {
+    let mut by_path: HashMap<String, Vec<Factor>> = HashMap::new();
+    let mut te = 0;
+    for (slot, ad) in adapters.iter().enumerate() {
+        ad.ensure_plain("apply")?;
+        let inv = ad.inventory();
+        for m in &ad.modules {
+            let spec = &inv.modules[m.index];
+            if spec.component != Component::Unet {
+                te += 1;
+                continue;
+            }
+            let (down, up) = (m.down.as_ref().expect("plain"), m.up.as_ref().expect("plain"));
+            let t = |r: &crate::io::tensor::RawTensor, which: &str| -> Result<Tensor> {
+                let v = r.to_f32().ok_or_else(|| {
+                    Error::key(&ad.path, format!("{}.{which}", spec.path), "not a float tensor")
+                })?;
+                if v.iter().any(|x| !x.is_finite()) {
+                    return Err(Error::key(
+                        &ad.path,
+                        format!("{} ({which})", inv.flat_name(m.index, false)),
+                        "holds NaN or infinite values",
+                    ));
+                }
+                Tensor::from_vec(v, r.shape.clone(), &Device::Cpu)
+                    .and_then(|t| t.to_dtype(dtype))
+                    .and_then(|t| t.to_device(device))
+                    .map_err(|e| Error::key(&ad.path, &spec.path, e.to_string()))
+            };
+            let scale = m.scale().ok_or_else(|| {
+                Error::key(&ad.path, inv.flat_name(m.index, false), "no usable alpha/rank")
+            })?;
+            by_path.entry(spec.path.clone()).or_default().push(Factor {
+                down: t(down, "down")?,
+                up: t(up, "up")?,
+                scale,
+                slot,
+            });
+        }
+    }
+    Ok((AdapterSet::new(by_path), te))
+}
+
+impl StableDiffusion {
+    pub fn load(spec: &LoadSpec, adapters: Arc<AdapterSet>) -> Result<Self> {
+        let path = &spec.model;
+        if !path.exists() {
+            return Err(Error::file(path, "No such file or folder"));
+        }
+        let mut sd = if path.is_dir() {
+            Self::load_diffusers(spec, adapters.clone())?
+        } else {
+            Self::load_single(spec, adapters.clone())?
+        };
+        let unused = adapters.unused();
+        if !unused.is_empty() {
+            return Err(Error::usage(format!(
+                "{} adapter module(s) match no layer of this UNet (first: {}); is the adapter for another architecture?",
+                unused.len(),
+                unused[0]
+            )));
+        }
+        if let Some(p) = &spec.prediction_type {
+            sd.scheduler["prediction_type"] = serde_json::Value::String(p.clone());
+            sd.info.prediction_type = p.clone();
+            sd.info.prediction_source = "--prediction-type".into();
+        }
+        Ok(sd)
+    }
+
+    fn load_diffusers(spec: &LoadSpec, adapters: Arc<AdapterSet>) -> Result<Self> {
+        let root = &spec.model;
+        let index = root.join("model_index.json");
+        if !index.is_file() {
+            return Err(Error::file(
+                root,
+                "not a diffusers pipeline folder (no model_index.json)",
+            ));
+        }
+        let idx: serde_json::Value = load::read_config(&index)?;
+        if idx.get("text_encoder_2").is_some() || root.join("text_encoder_2").is_dir() {
+            return Err(Error::file(root, "SDXL pipelines are not supported yet"));
+        }
+        let unet_dir = root.join("unet");
+        let unet_cfg: UNetConfig = load::read_config(&unet_dir.join("config.json"))?;
+        let unet_files = load::component_files(&unet_dir, "diffusion_pytorch_model")?;
+        let store = Store::from_files(&unet_files, |k| Some(k.to_string()))?;
+        let unet = build_unet(store, unet_cfg, spec, adapters, &unet_dir)?;
+
+        let vae_dir = root.join("vae");
+        let vae_cfg: VaeConfig = load::read_config(&vae_dir.join("config.json"))?;
+        let vae_files = load::component_files(&vae_dir, "diffusion_pytorch_model")?;
+        let store = Store::from_files(&vae_files, |k| Some(k.to_string()))?;
+        let vae = build_vae(store, vae_cfg, spec, &vae_dir)?;
+
+        let (text, _) = clip::load(root, &LoadOptions::default())?;
+        let tok_dir = root.join("tokenizer");
+        let tokenizer = ClipTokenizer::from_folder(&tok_dir)?
+            .ok_or_else(|| Error::file(&tok_dir, "missing tokenizer (vocab.json + merges.txt)"))?;
+        let pad_id = crate::transport::folder_pad_id(&tok_dir).unwrap_or(crate::transport::gate::EOS);
+        let sched_path = root.join("scheduler/scheduler_config.json");
+        let scheduler: serde_json::Value = load::read_config(&sched_path)?;
+        let prediction = scheduler["prediction_type"]
+            .as_str()
+            .unwrap_or("epsilon")
+            .to_string();
+        let info = ModelInfo {
+            path: root.clone(),
+            layout: "diffusers",
+            arch: arch_of(unet.config.context_dim()).map(Arch::name),
+            prediction_type: prediction,
+            prediction_source: "scheduler/scheduler_config.json".into(),
+            name: model_name(root),
+        };
+        check_vocab(&text, &tokenizer, pad_id, root)?;
+        Ok(StableDiffusion {
+            unet,
+            vae,
+            text: Arc::new(text),
+            tokenizer: Arc::new(tokenizer),
+            pad_id,
+            scheduler,
+            info,
+            device: spec.device.clone(),
+            dtype: spec.dtype,
+        })
+    }
+
+    fn load_single(spec: &LoadSpec, adapters: Arc<AdapterSet>) -> Result<Self> {
+        let path = &spec.model;
+        let cfg_dir = spec.config.as_deref();
+        let raw = Store::from_files(&[path.clone()], |k| {
+            (k.starts_with("model.diffusion_model.") || k == "v_pred").then(|| k.to_string())
+        })?;
+        if raw.is_empty() {
+            let probe = Store::from_files(&[path.clone()], |k| {
+                k.starts_with("conditioner.embedders.").then(|| k.to_string())
+            })?;
+            return Err(Error::file(
+                path,
+                if probe.is_empty() {
+                    "not a Stable Diffusion checkpoint (no model.diffusion_model.* keys)"
+                } else {
+                    "SDXL checkpoints are not supported yet"
+                },
+            ));
+        }
+        let ctx_key = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight";
+        let ctx_dim = raw.shape(ctx_key).map(|s| s[s.len() - 1]);
+        if let Some(d) = cfg_dir {
+            if !d.join("model_index.json").is_file() {
+                return Err(Error::file(d, "--config must be a diffusers pipeline folder (no model_index.json)"));
+            }
+        }
+        let arch = ctx_dim.and_then(arch_of);
+        let unet_cfg: UNetConfig = match cfg_dir {
+            Some(d) => load::read_config(&d.join("unet/config.json"))?,
+            None => match arch {
+                Some(Arch::Sd1) => UNetConfig::v1_5(),
+                Some(Arch::Sd2) => UNetConfig::v2_1(),
+                _ => {
+                    return Err(Error::key(
+                        path,
+                        ctx_key,
+                        format!(
+                            "cross-attention width {ctx_dim:?} is neither SD1's 768 nor SD2's 1024; pass --config with the model's diffusers configs"
+                        ),
+                    ))
+                }
+            },
+        };
+        unet_cfg
+            .check()
+            .map_err(|m| Error::file(path, format!("UNet config: {m}")))?;
+        let layers = match &unet_cfg.layers_per_block {
+            super::unet::PerBlock::One(v) => vec![*v; unet_cfg.block_out_channels.len()],
+            super::unet::PerBlock::Each(v) => v.clone(),
+        };
+        let down: Vec<bool> = unet_cfg.down_block_types.iter().map(|t| t.starts_with("CrossAttn")).collect();
+        let up: Vec<bool> = unet_cfg.up_block_types.iter().map(|t| t.starts_with("CrossAttn")).collect();
+        let rename = load::ldm_unet_renamer(load::ldm_unet_prefixes(&layers, &down, &up));
+        let has_v_key = raw.contains("v_pred");
+        let store = Store::from_files(&[path.clone()], rename)?;
+        let unet = build_unet(store, unet_cfg, spec, adapters, path)?;
+
+        let vae_cfg: VaeConfig = match cfg_dir {
+            Some(d) => load::read_config(&d.join("vae/config.json"))?,
+            None => VaeConfig::sd(),
+        };
+        let store = Store::from_files(
+            &[path.clone()],
+            load::ldm_vae_renamer(vae_cfg.block_out_channels.len()),
+        )?;
+        if store.is_empty() {
+            return Err(Error::file(path, "no VAE in this checkpoint (no first_stage_model.* keys)"));
+        }
+        let vae = build_vae(store, vae_cfg, spec, path)?;
+
+        let mut opts = LoadOptions::default();
+        if let Some(d) = cfg_dir {
+            let c: clip::ClipTextConfig = load::read_config(&d.join("text_encoder/config.json"))?;
+            opts.heads = Some(c.num_attention_heads);
+            opts.activation = Some(c.hidden_act);
+        }
+        let (text, te_info) = clip::load(path, &opts)?;
+        let openclip = te_info.layout.contains("OpenCLIP");
+        let (tokenizer, pad_id) = match cfg_dir.map(|d| d.join("tokenizer")) {
+            Some(t) if t.is_dir() => {
+                let tok = ClipTokenizer::from_folder(&t)?
+                    .ok_or_else(|| Error::file(&t, "missing vocab.json + merges.txt"))?;
+                let pad = crate::transport::folder_pad_id(&t)
+                    .unwrap_or(if openclip { 0 } else { crate::transport::gate::EOS });
+                (tok, pad)
+            }
+            _ => (
+                ClipTokenizer::embedded(),
+                if openclip { 0 } else { crate::transport::gate::EOS },
+            ),
+        };
+        let mut scheduler: serde_json::Value = match cfg_dir {
+            Some(d) => load::read_config(&d.join("scheduler/scheduler_config.json"))?,
+            None => serde_json::from_str(SD_SCHEDULER).expect("built-in"),
+        };
+        let (prediction, source) = if has_v_key {
+            ("v_prediction".to_string(), "the checkpoint's `v_pred` key".to_string())
+        } else if cfg_dir.is_some() {
+            (
+                scheduler["prediction_type"].as_str().unwrap_or("epsilon").to_string(),
+                "--config scheduler/scheduler_config.json".to_string(),
+            )
+        } else if arch == Some(Arch::Sd2) {
+            let v = is_v_model(&unet, spec).map_err(map_candle(path, "v-prediction probe"))?;
+            (
+                if v { "v_prediction" } else { "epsilon" }.to_string(),
+                "A1111's probe: mean(UNet(0.5, t=999) − 0.5) < −1 means v".to_string(),
+            )
+        } else {
+            ("epsilon".to_string(), "SD1 default".to_string())
+        };
+        scheduler["prediction_type"] = serde_json::Value::String(prediction.clone());
+        if cfg_dir.is_none() && prediction == "v_prediction" {
+            // SD2-768's own scheduler (stabilityai/stable-diffusion-2-1).
+            scheduler["_class_name"] = "DDIMScheduler".into();
+        }
+        check_vocab(&text, &tokenizer, pad_id, path)?;
+        Ok(StableDiffusion {
+            unet,
+            vae,
+            text: Arc::new(text),
+            tokenizer: Arc::new(tokenizer),
+            pad_id,
+            scheduler,
+            info: ModelInfo {
+                path: path.clone(),
+                layout: "ldm",
+                arch: arch.map(Arch::name),
+                prediction_type: prediction,
+                prediction_source: source,
+                name: model_name(path),
+            },
+            device: spec.device.clone(),
+            dtype: spec.dtype,
+        })
+    }
+
+    /// Token ids of `text`, padded to 77 with this model's pad id.
+    pub fn tokenize(&self, text: &str) -> Vec<u32> {
+        self.tokenizer.encode_padded(text, 77, self.pad_id)
+    }
+
+    /// Conditioning `[N, 77, D]` for texts, with A1111's clip skip.
+    pub fn encode(&self, texts: &[&str], clip_skip: usize) -> Result<Tensor> {
+        let rows: Vec<u32> = texts.iter().flat_map(|t| self.tokenize(t)).collect();
+        let ids = Tensor::from_vec(rows, (texts.len(), 77), &Device::Cpu)
+            .map_err(|e| Error::usage(e.to_string()))?;
+        self.text
+            .forward_skip(&ids, clip_skip)
+            .and_then(|h| h.to_dtype(self.dtype))
+            .and_then(|h| h.to_device(&self.device))
+            .map_err(|e| Error::usage(format!("text encoder failed: {e}")))
+    }
+}
+
+fn arch_of(ctx_dim: usize) -> Option<Arch> {
+    match ctx_dim {
+        768 => Some(Arch::Sd1),
+        1024 => Some(Arch::Sd2),
+        _ => None,
+    }
+}
+
+fn model_name(path: &Path) -> String {
+    path.file_stem()
+        .or_else(|| path.file_name())
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_default()
+}
+
+fn build_unet(
+    store: Store,
+    cfg: UNetConfig,
+    spec: &LoadSpec,
+    adapters: Arc<AdapterSet>,
+    origin: &Path,
+) -> Result<UNet> {
+    if store.is_empty() {
+        return Err(Error::file(origin, "no UNet weights found"));
+    }
+    let vb = store.var_builder(spec.dtype, &spec.device);
+    UNet::new(Builder::new(vb, adapters), cfg).map_err(map_candle(origin, "UNet"))
+}
+
+fn build_vae(store: Store, cfg: VaeConfig, spec: &LoadSpec, origin: &Path) -> Result<Vae> {
+    let vb = store.var_builder(spec.dtype, &spec.device);
+    Vae::new(Builder::new(vb, Arc::new(AdapterSet::default())), cfg, spec.vae_encoder)
+        .map_err(map_candle(origin, "VAE"))
+}
+
+fn check_vocab(text: &ClipTextModel, tok: &ClipTokenizer, pad: u32, path: &Path) -> Result<()> {
+    let rows = text.config.vocab_size;
+    let max_id = tok.max_id().max(pad);
+    if max_id as usize >= rows {
+        return Err(Error::file(
+            path,
+            format!("the text encoder has {rows} token rows but the tokenizer emits ids up to {max_id}"),
+        ));
+    }
+    Ok(())
+}
+
+/// A1111's way to tell an SD2 v-model from an ε-model when nothing in the
+/// file says: on a constant input at t = 999, a v-model's output sits far
+/// below the input (mean difference < −1).
+fn is_v_model(unet: &UNet, spec: &LoadSpec) -> candle_core::Result<bool> {
+    let dev = &spec.device;
+    let x = (Tensor::ones((1, 4, 8, 8), spec.dtype, dev)? * 0.5)?;
+    let ctx_dim = unet.config.context_dim();
+    let ctx = (Tensor::ones((1, 2, ctx_dim), spec.dtype, dev)? * 0.5)?;
+    let t = Tensor::new(&[999f32], dev)?;
+    let out = unet.forward(&x, &t, &ctx, &Rows::none())?;
+    let d = (out - &x)?.to_dtype(DType::F32)?.mean_all()?.to_scalar::<f32>()?;
+    Ok(d < -1.0)
+}
