@@ -25,6 +25,8 @@ use spm::transport::gate::{GateOptions, Membrane, Metric};
 use spm::transport::strict::Normalize;
 use spm::transport::{build_engine, EngineSpec};
 
+mod cli;
+
 /// Concept Semi-Permeable Membranes (SPM) for Stable Diffusion.
 ///
 /// An SPM is a rank-1 LoRA on every layer of the UNet's transformer blocks
@@ -42,6 +44,7 @@ use spm::transport::{build_engine, EngineSpec};
 ///   spm merge snoopy.safetensors mickey.safetensors -o cartoons.safetensors
 ///   spm bake --base v1-5.safetensors erase_pikachu.safetensors -o v1-5-nopika.safetensors
 ///   spm gate --membrane erase_pikachu.safetensors --text-encoder sd15/ "a photo of pikachu"
+///   spm generate --model sd15/ --membrane erase_pikachu.safetensors --grid "pikachu" -o out/
 ///   spm serve --membranes membranes/ --text-encoder sd15/
 #[derive(Parser)]
 #[command(name = "spm", version, verbatim_doc_comment, max_term_width = 100)]
@@ -266,6 +269,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Generate images with membranes (Facilitated Transport as SPM's infer_spm.py).
+    Generate(cli::generate::GenerateArgs),
     /// Run the local FT sidecar: an HTTP daemon the WebUI extension asks for gates.
     ///
     /// Binds to 127.0.0.1 by default. Endpoints: GET /healthz,
@@ -362,7 +367,7 @@ impl EncoderArgs {
 }
 
 #[derive(clap::Args)]
-struct GateArgs {
+pub(crate) struct GateArgs {
     /// Score of a concept (default clipcos_tokenuni; tokenuni without an encoder).
     #[arg(long, value_enum)]
     metric: Option<Metric>,
@@ -380,7 +385,7 @@ struct GateArgs {
 }
 
 impl GateArgs {
-    fn options(&self, has_encoder: bool) -> GateOptions {
+    pub(crate) fn options(&self, has_encoder: bool) -> GateOptions {
         let metric = self.metric.unwrap_or(if has_encoder {
             Metric::ClipcosTokenuni
         } else {
@@ -431,6 +436,10 @@ fn finite<T: std::str::FromStr + Into<f64> + Copy>(s: &str) -> std::result::Resu
     } else {
         Err(format!("`{s}`: must be a finite number"))
     }
+}
+
+pub(crate) fn finite_f64(s: &str) -> std::result::Result<f64, String> {
+    finite(s)
 }
 
 fn finite_f32(s: &str) -> std::result::Result<f32, String> {
@@ -735,6 +744,7 @@ fn run(cmd: Command) -> Result<()> {
             }
             Ok(())
         }
+        Command::Generate(args) => cli::generate::run(args),
         Command::Serve {
             host,
             port,

@@ -15,6 +15,7 @@ use serde::Serialize;
 use super::clip::{self, ClipTextModel, LoadOptions};
 use super::load::{self, Store};
 use super::nn::{AdapterSet, Builder, Factor, Rows};
+use super::scheduler::SchedulerConfig;
 use super::unet::{UNet, UNetConfig};
 use super::vae::{Vae, VaeConfig};
 use crate::adapter::Adapter;
@@ -61,8 +62,8 @@ pub struct StableDiffusion {
     pub text: Arc<ClipTextModel>,
     pub tokenizer: Arc<ClipTokenizer>,
     pub pad_id: u32,
-    /// `scheduler_config.json` as JSON (prediction type already settled).
-    pub scheduler: serde_json::Value,
+    /// `scheduler_config.json` (prediction type already settled).
+    pub scheduler: SchedulerConfig,
     pub info: ModelInfo,
     pub device: Device,
     pub dtype: DType,
@@ -147,7 +148,7 @@ impl StableDiffusion {
             )));
         }
         if let Some(p) = &spec.prediction_type {
-            sd.scheduler["prediction_type"] = serde_json::Value::String(p.clone());
+            sd.scheduler.prediction_type = Some(p.clone());
             sd.info.prediction_type = p.clone();
             sd.info.prediction_source = "--prediction-type".into();
         }
@@ -183,13 +184,13 @@ impl StableDiffusion {
         let tok_dir = root.join("tokenizer");
         let tokenizer = ClipTokenizer::from_folder(&tok_dir)?
             .ok_or_else(|| Error::file(&tok_dir, "missing tokenizer (vocab.json + merges.txt)"))?;
-        let pad_id = crate::transport::folder_pad_id(&tok_dir).unwrap_or(crate::transport::gate::EOS);
+        let pad_id = crate::transport::folder_pad_id(&tok_dir, &tokenizer).unwrap_or(tokenizer.eos());
         let sched_path = root.join("scheduler/scheduler_config.json");
-        let scheduler: serde_json::Value = load::read_config(&sched_path)?;
-        let prediction = scheduler["prediction_type"]
-            .as_str()
-            .unwrap_or("epsilon")
-            .to_string();
+        let scheduler = SchedulerConfig::load(&sched_path)?;
+        let prediction = scheduler
+            .prediction_type
+            .clone()
+            .unwrap_or_else(|| "epsilon".into());
         let info = ModelInfo {
             path: root.clone(),
             layout: "diffusers",
@@ -294,8 +295,8 @@ impl StableDiffusion {
             Some(t) if t.is_dir() => {
                 let tok = ClipTokenizer::from_folder(&t)?
                     .ok_or_else(|| Error::file(&t, "missing vocab.json + merges.txt"))?;
-                let pad = crate::transport::folder_pad_id(&t)
-                    .unwrap_or(if openclip { 0 } else { crate::transport::gate::EOS });
+                let pad = crate::transport::folder_pad_id(&t, &tok)
+                    .unwrap_or(if openclip { 0 } else { tok.eos() });
                 (tok, pad)
             }
             _ => (
@@ -303,15 +304,18 @@ impl StableDiffusion {
                 if openclip { 0 } else { crate::transport::gate::EOS },
             ),
         };
-        let mut scheduler: serde_json::Value = match cfg_dir {
-            Some(d) => load::read_config(&d.join("scheduler/scheduler_config.json"))?,
-            None => serde_json::from_str(SD_SCHEDULER).expect("built-in"),
+        let mut scheduler = match cfg_dir {
+            Some(d) => SchedulerConfig::load(&d.join("scheduler/scheduler_config.json"))?,
+            None => SchedulerConfig::from_json(SD_SCHEDULER)?,
         };
         let (prediction, source) = if has_v_key {
             ("v_prediction".to_string(), "the checkpoint's `v_pred` key".to_string())
         } else if cfg_dir.is_some() {
             (
-                scheduler["prediction_type"].as_str().unwrap_or("epsilon").to_string(),
+                scheduler
+                    .prediction_type
+                    .clone()
+                    .unwrap_or_else(|| "epsilon".into()),
                 "--config scheduler/scheduler_config.json".to_string(),
             )
         } else if arch == Some(Arch::Sd2) {
@@ -323,10 +327,10 @@ impl StableDiffusion {
         } else {
             ("epsilon".to_string(), "SD1 default".to_string())
         };
-        scheduler["prediction_type"] = serde_json::Value::String(prediction.clone());
+        scheduler.prediction_type = Some(prediction.clone());
         if cfg_dir.is_none() && prediction == "v_prediction" {
             // SD2-768's own scheduler (stabilityai/stable-diffusion-2-1).
-            scheduler["_class_name"] = "DDIMScheduler".into();
+            scheduler.class_name = Some("DDIMScheduler".into());
         }
         check_vocab(&text, &tokenizer, pad_id, path)?;
         Ok(StableDiffusion {

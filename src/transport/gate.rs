@@ -274,9 +274,10 @@ impl Engine {
     }
 
     fn token_set(&self, ids: &[u32]) -> HashSet<u32> {
+        let specials = self.tokenizer.special_ids(self.pad_id);
         ids.iter()
             .copied()
-            .filter(|i| *i != BOS && *i != EOS && *i != self.pad_id)
+            .filter(|i| !specials.contains(i))
             .collect()
     }
 

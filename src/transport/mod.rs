@@ -37,16 +37,17 @@ fn tokenizer_dir(model: &Path) -> Option<PathBuf> {
     .find(|d| d.join("vocab.json").is_file() && d.join("merges.txt").is_file())
 }
 
-/// The pad id a tokenizer folder declares: "!" is id 0 (SD2), the end token
-/// is 49407 (SD1).
-pub(crate) fn folder_pad_id(dir: &Path) -> Option<u32> {
+/// The pad token a tokenizer folder declares (`!` for SD2,
+/// `<|endoftext|>` for SD1), resolved to its id in that tokenizer's
+/// vocabulary (tiny test vocabularies number their specials differently).
+pub(crate) fn folder_pad_id(dir: &Path, tok: &ClipTokenizer) -> Option<u32> {
     let text = std::fs::read_to_string(dir.join("special_tokens_map.json")).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
     let pad = &v["pad_token"];
     let s = pad.as_str().or_else(|| pad["content"].as_str())?;
     match s {
-        "!" => Some(0),
-        "<|endoftext|>" => Some(EOS),
+        "<|endoftext|>" => Some(tok.eos()),
+        "!" => tok.token_id("!"),
         _ => None,
     }
 }
@@ -64,14 +65,15 @@ pub fn build_engine(spec: &EngineSpec) -> Result<(Engine, Option<EncoderInfo>)> 
     let (tokenizer, folder_pad) = match path.is_dir().then(|| tokenizer_dir(path)).flatten() {
         Some(dir) => {
             let tok = ClipTokenizer::from_files(&dir.join("vocab.json"), &dir.join("merges.txt"))?;
-            (tok, folder_pad_id(&dir))
+            let pad = folder_pad_id(&dir, &tok);
+            (tok, pad)
         }
         None => (ClipTokenizer::embedded(), None),
     };
     let layout_pad = if info.layout.contains("OpenCLIP") {
         0
     } else {
-        EOS
+        tokenizer.eos()
     };
     let pad = spec.pad_id.or(folder_pad).unwrap_or(layout_pad);
     // Checked here, once: an id past the embedding table would otherwise
@@ -113,7 +115,11 @@ mod tests {
         ];
         for (text, want) in cases {
             std::fs::write(d.path().join("special_tokens_map.json"), text).unwrap();
-            assert_eq!(folder_pad_id(d.path()), want, "{text}");
+            assert_eq!(
+                folder_pad_id(d.path(), &ClipTokenizer::embedded()),
+                want,
+                "{text}"
+            );
         }
     }
 

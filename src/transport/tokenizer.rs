@@ -271,24 +271,44 @@ impl ClipTokenizer {
     /// tokenizer, so its text is split off first: with SD2's `!` (id 0),
     /// "hello!!" gives `hello` `!` `!` (0, 0) where SD1 gives `hello` `!!`.
     pub fn encode_padded(&self, text: &str, max_len: usize, pad_id: u32) -> Vec<u32> {
+        let (bos, eos) = (self.bos(), self.eos());
         let extra = self
             .id_text
             .get(&pad_id)
-            .filter(|_| pad_id != BOS && pad_id != EOS);
+            .filter(|_| pad_id != bos && pad_id != eos);
         let mut ids = self.encode_split(text, extra.map(|t| (t.as_str(), pad_id)));
         ids.truncate(max_len.saturating_sub(2));
         let mut out = Vec::with_capacity(max_len.max(ids.len() + 2));
-        out.push(BOS);
+        out.push(bos);
         out.extend(ids);
-        out.push(EOS);
+        out.push(eos);
         out.resize(max_len.max(out.len()), pad_id);
         out
     }
 
+    /// The id of `<|startoftext|>` in this vocabulary (49406 in CLIP's).
+    pub fn bos(&self) -> u32 {
+        self.specials[0].1
+    }
+
+    /// The id of `<|endoftext|>` in this vocabulary (49407 in CLIP's).
+    pub fn eos(&self) -> u32 {
+        self.specials[1].1
+    }
+
+    /// The id of a whole token's text (`!` → 0 in CLIP's vocabulary).
+    pub fn token_id(&self, text: &str) -> Option<u32> {
+        self.id_text
+            .iter()
+            .filter(|(_, t)| t.as_str() == text)
+            .map(|(i, _)| *i)
+            .min()
+    }
+
     /// The ids SPM's FT treats as special (spm-reference.md §3.1): BOS, EOS
     /// and the pad id (0 for SD2, EOS again for SD1).
-    pub fn special_ids(pad_id: u32) -> Vec<u32> {
-        let mut v = vec![BOS, EOS];
+    pub fn special_ids(&self, pad_id: u32) -> Vec<u32> {
+        let mut v = vec![self.bos(), self.eos()];
         if !v.contains(&pad_id) {
             v.push(pad_id);
         }
