@@ -26,8 +26,8 @@ use serde::Serialize;
 use crate::adapter::Adapter;
 use crate::error::{Error, Result};
 use crate::io::output::{check_output, AtomicFile, OutputKind};
-use crate::model::noise::TorchRng;
 use crate::model::nn::{Mix, Rows};
+use crate::model::noise::TorchRng;
 use crate::model::scheduler::{self, Sampler, Scheduler, SchedulerConfig};
 use crate::model::sd::{adapter_set, LoadSpec, StableDiffusion};
 use crate::transport::gate::{Engine, Gate, GateOptions, Membrane};
@@ -148,7 +148,9 @@ pub fn check(opts: &GenerateOptions) -> Result<()> {
         ));
     }
     if opts.clip_skip == 0 {
-        return Err(Error::usage("--clip-skip counts from 1 (1 = the last layer, as A1111)"));
+        return Err(Error::usage(
+            "--clip-skip counts from 1 (1 = the last layer, as A1111)",
+        ));
     }
     Ok(())
 }
@@ -171,7 +173,13 @@ fn variants(opts: &GenerateOptions) -> Vec<Variant> {
 fn slug(prompt: &str) -> String {
     let mut s: String = prompt
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
         .collect();
     while s.contains("--") {
         s = s.replace("--", "-");
@@ -244,7 +252,10 @@ fn infotext(
         pairs.push(("Clip skip".into(), opts.clip_skip.to_string()));
     }
     pairs.extend(extra.iter().cloned());
-    pairs.push(("Version".into(), format!("spm {}", env!("CARGO_PKG_VERSION"))));
+    pairs.push((
+        "Version".into(),
+        format!("spm {}", env!("CARGO_PKG_VERSION")),
+    ));
     let params = pairs
         .iter()
         .map(|(k, v)| format!("{k}: {}", quote(v)))
@@ -554,7 +565,11 @@ pub fn run(
     let names: Vec<String> = opts
         .membranes
         .iter()
-        .map(|p| p.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default())
+        .map(|p| {
+            p.file_stem()
+                .map(|s| s.to_string_lossy().to_string())
+                .unwrap_or_default()
+        })
         .collect();
 
     let columns = variants(opts);
@@ -572,11 +587,8 @@ pub fn run(
             cancel,
         )?;
         let gates = sampled.gates.clone();
-        let decoded: Vec<Vec<Vec<u8>>> = sampled
-            .images
-            .iter()
-            .map(to_rgb8)
-            .collect::<Result<_>>()?;
+        let decoded: Vec<Vec<Vec<u8>>> =
+            sampled.images.iter().map(to_rgb8).collect::<Result<_>>()?;
         let jobs = &sampled.columns;
         let mut extra: Vec<(String, String)> = Vec::new();
         if !names.is_empty() {
@@ -602,7 +614,11 @@ pub fn run(
             if opts.grid {
                 extra.push((
                     "SPM grid".into(),
-                    columns.iter().map(|c| c.label()).collect::<Vec<_>>().join(" | "),
+                    columns
+                        .iter()
+                        .map(|c| c.label())
+                        .collect::<Vec<_>>()
+                        .join(" | "),
                 ));
             }
         }

@@ -147,7 +147,8 @@ impl Progress for Bar {
         self.0.set_length(total);
     }
     fn step(&self, prompt: &str) {
-        self.0.set_message(prompt.chars().take(40).collect::<String>());
+        self.0
+            .set_message(prompt.chars().take(40).collect::<String>());
         self.0.inc(1);
     }
     fn finish(&self) {

@@ -41,10 +41,7 @@ pub struct Store {
 
 impl Store {
     /// All tensors of the given files, renamed by `rename` (None: skip).
-    pub fn from_files(
-        files: &[PathBuf],
-        rename: impl Fn(&str) -> Option<String>,
-    ) -> Result<Store> {
+    pub fn from_files(files: &[PathBuf], rename: impl Fn(&str) -> Option<String>) -> Result<Store> {
         let mut entries = HashMap::new();
         for path in files {
             let file = Arc::new(path.clone());
@@ -91,17 +88,21 @@ impl Store {
         VarBuilder::from_backend(Box::new(self), dtype, device.clone())
     }
 
-    fn load(&self, name: &str, shape: Option<&Shape>, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    fn load(
+        &self,
+        name: &str,
+        shape: Option<&Shape>,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         let e = self.entries.get(name).ok_or_else(|| {
-            candle_core::Error::Msg(format!(
-                "{}: missing weight `{name}`",
-                self.origin
-            ))
+            candle_core::Error::Msg(format!("{}: missing weight `{name}`", self.origin))
         })?;
         let where_ = || format!("{}: `{}`", e.file.display(), e.key);
-        let values = e.tensor.to_f32().ok_or_else(|| {
-            candle_core::Error::Msg(format!("{}: not a float tensor", where_()))
-        })?;
+        let values = e
+            .tensor
+            .to_f32()
+            .ok_or_else(|| candle_core::Error::Msg(format!("{}: not a float tensor", where_())))?;
         if let Some(i) = values.iter().position(|v| !v.is_finite()) {
             candle_core::bail!(
                 "{}: value {} at index {i} is not finite; the checkpoint is damaged",
@@ -208,7 +209,11 @@ pub fn component_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
                     .as_str()
                     .ok_or_else(|| Error::key(&idx, "weight_map", "file names must be strings"))?;
                 if f.contains('/') || f.contains('\\') || f.contains("..") {
-                    return Err(Error::key(&idx, "weight_map", format!("`{f}` is not a file name in this folder")));
+                    return Err(Error::key(
+                        &idx,
+                        "weight_map",
+                        format!("`{f}` is not a file name in this folder"),
+                    ));
                 }
                 let p = dir.join(f);
                 if !files.contains(&p) {
@@ -245,7 +250,11 @@ pub fn read_config<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
 /// attention at `.1`) then one downsampler per level, `middle_block`
 /// 0/1/2, and `output_blocks` with `layers + 1` resnets per level and the
 /// upsampler after the last (at `.1` without attention, `.2` with).
-pub fn ldm_unet_prefixes(layers: &[usize], cross_down: &[bool], cross_up: &[bool]) -> Vec<(String, String)> {
+pub fn ldm_unet_prefixes(
+    layers: &[usize],
+    cross_down: &[bool],
+    cross_up: &[bool],
+) -> Vec<(String, String)> {
     let n = layers.len();
     let mut out = vec![
         ("conv_in".to_string(), "input_blocks.0.0".to_string()),
@@ -260,14 +269,23 @@ pub fn ldm_unet_prefixes(layers: &[usize], cross_down: &[bool], cross_up: &[bool
     let mut idx = 1;
     for i in 0..n {
         for j in 0..layers[i] {
-            out.push((format!("down_blocks.{i}.resnets.{j}"), format!("input_blocks.{idx}.0")));
+            out.push((
+                format!("down_blocks.{i}.resnets.{j}"),
+                format!("input_blocks.{idx}.0"),
+            ));
             if cross_down[i] {
-                out.push((format!("down_blocks.{i}.attentions.{j}"), format!("input_blocks.{idx}.1")));
+                out.push((
+                    format!("down_blocks.{i}.attentions.{j}"),
+                    format!("input_blocks.{idx}.1"),
+                ));
             }
             idx += 1;
         }
         if i + 1 < n {
-            out.push((format!("down_blocks.{i}.downsamplers.0.conv"), format!("input_blocks.{idx}.0.op")));
+            out.push((
+                format!("down_blocks.{i}.downsamplers.0.conv"),
+                format!("input_blocks.{idx}.0.op"),
+            ));
             idx += 1;
         }
     }
@@ -276,13 +294,22 @@ pub fn ldm_unet_prefixes(layers: &[usize], cross_down: &[bool], cross_up: &[bool
     for i in 0..n {
         let count = rlayers[i] + 1;
         for j in 0..count {
-            out.push((format!("up_blocks.{i}.resnets.{j}"), format!("output_blocks.{idx}.0")));
+            out.push((
+                format!("up_blocks.{i}.resnets.{j}"),
+                format!("output_blocks.{idx}.0"),
+            ));
             if cross_up[i] {
-                out.push((format!("up_blocks.{i}.attentions.{j}"), format!("output_blocks.{idx}.1")));
+                out.push((
+                    format!("up_blocks.{i}.attentions.{j}"),
+                    format!("output_blocks.{idx}.1"),
+                ));
             }
             if j + 1 == count && i + 1 < n {
                 let slot = if cross_up[i] { 2 } else { 1 };
-                out.push((format!("up_blocks.{i}.upsamplers.0.conv"), format!("output_blocks.{idx}.{slot}.conv")));
+                out.push((
+                    format!("up_blocks.{i}.upsamplers.0.conv"),
+                    format!("output_blocks.{idx}.{slot}.conv"),
+                ));
             }
             idx += 1;
         }
@@ -315,7 +342,10 @@ pub fn ldm_unet_renamer(prefixes: Vec<(String, String)>) -> impl Fn(&str) -> Opt
     move |key: &str| {
         let rest = key.strip_prefix("model.diffusion_model.")?;
         for (l, d, res) in &by_ldm {
-            let Some(tail) = rest.strip_prefix(l.as_str()).and_then(|t| t.strip_prefix('.')) else {
+            let Some(tail) = rest
+                .strip_prefix(l.as_str())
+                .and_then(|t| t.strip_prefix('.'))
+            else {
                 continue;
             };
             if *res {
@@ -350,7 +380,10 @@ pub fn ldm_vae_renamer(levels: usize) -> impl Fn(&str) -> Option<String> {
                 let (j, t) = t.split_once('.')?;
                 format!("down_blocks.{i}.resnets.{j}.{}", resnet(t))
             } else {
-                format!("down_blocks.{i}.downsamplers.0.{}", t.strip_prefix("downsample.")?)
+                format!(
+                    "down_blocks.{i}.downsamplers.0.{}",
+                    t.strip_prefix("downsample.")?
+                )
             }
         } else if let Some(t) = tail.strip_prefix("up.") {
             let (i, t) = t.split_once('.')?;
@@ -360,7 +393,10 @@ pub fn ldm_vae_renamer(levels: usize) -> impl Fn(&str) -> Option<String> {
                 let (j, t) = t.split_once('.')?;
                 format!("up_blocks.{di}.resnets.{j}.{}", resnet(t))
             } else {
-                format!("up_blocks.{di}.upsamplers.0.{}", t.strip_prefix("upsample.")?)
+                format!(
+                    "up_blocks.{di}.upsamplers.0.{}",
+                    t.strip_prefix("upsample.")?
+                )
             }
         } else if let Some(t) = tail.strip_prefix("mid.block_1.") {
             format!("mid_block.resnets.0.{}", resnet(t))
@@ -420,12 +456,30 @@ mod tests {
     fn vae_names_map_to_diffusers() {
         let r = ldm_vae_renamer(4);
         let cases = [
-            ("first_stage_model.decoder.up.0.block.2.nin_shortcut.weight", "decoder.up_blocks.3.resnets.2.conv_shortcut.weight"),
-            ("first_stage_model.decoder.up.3.upsample.conv.bias", "decoder.up_blocks.0.upsamplers.0.conv.bias"),
-            ("first_stage_model.encoder.down.1.downsample.conv.weight", "encoder.down_blocks.1.downsamplers.0.conv.weight"),
-            ("first_stage_model.encoder.mid.attn_1.proj_out.weight", "encoder.mid_block.attentions.0.to_out.0.weight"),
-            ("first_stage_model.decoder.norm_out.bias", "decoder.conv_norm_out.bias"),
-            ("first_stage_model.post_quant_conv.weight", "post_quant_conv.weight"),
+            (
+                "first_stage_model.decoder.up.0.block.2.nin_shortcut.weight",
+                "decoder.up_blocks.3.resnets.2.conv_shortcut.weight",
+            ),
+            (
+                "first_stage_model.decoder.up.3.upsample.conv.bias",
+                "decoder.up_blocks.0.upsamplers.0.conv.bias",
+            ),
+            (
+                "first_stage_model.encoder.down.1.downsample.conv.weight",
+                "encoder.down_blocks.1.downsamplers.0.conv.weight",
+            ),
+            (
+                "first_stage_model.encoder.mid.attn_1.proj_out.weight",
+                "encoder.mid_block.attentions.0.to_out.0.weight",
+            ),
+            (
+                "first_stage_model.decoder.norm_out.bias",
+                "decoder.conv_norm_out.bias",
+            ),
+            (
+                "first_stage_model.post_quant_conv.weight",
+                "post_quant_conv.weight",
+            ),
         ];
         for (l, d) in cases {
             assert_eq!(r(l).as_deref(), Some(d), "{l}");

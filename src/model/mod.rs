@@ -7,8 +7,8 @@
 //! in [`sd`]. `spm generate` and the trainer call the same code.
 pub mod clip;
 pub mod load;
-pub mod noise;
 pub mod nn;
+pub mod noise;
 pub mod scheduler;
 pub mod sd;
 pub mod unet;

@@ -425,9 +425,7 @@ impl GroupNorm {
         let dims = x.dims().to_vec();
         let (b, c) = (dims[0], dims[1]);
         let dtype = x.dtype();
-        let x = x
-            .reshape((b, self.groups, ()))?
-            .to_dtype(DType::F32)?;
+        let x = x.reshape((b, self.groups, ()))?.to_dtype(DType::F32)?;
         let mean = x.mean_keepdim(2)?;
         let xc = x.broadcast_sub(&mean)?;
         let var = xc.sqr()?.mean_keepdim(2)?;

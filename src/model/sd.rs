@@ -97,10 +97,17 @@ pub fn adapter_set(
                 te += 1;
                 continue;
             }
-            let (down, up) = (m.down.as_ref().expect("plain"), m.up.as_ref().expect("plain"));
+            let (down, up) = (
+                m.down.as_ref().expect("plain"),
+                m.up.as_ref().expect("plain"),
+            );
             let t = |r: &crate::io::tensor::RawTensor, which: &str| -> Result<Tensor> {
                 let v = r.to_f32().ok_or_else(|| {
-                    Error::key(&ad.path, format!("{}.{which}", spec.path), "not a float tensor")
+                    Error::key(
+                        &ad.path,
+                        format!("{}.{which}", spec.path),
+                        "not a float tensor",
+                    )
                 })?;
                 if v.iter().any(|x| !x.is_finite()) {
                     return Err(Error::key(
@@ -115,7 +122,11 @@ pub fn adapter_set(
                     .map_err(|e| Error::key(&ad.path, &spec.path, e.to_string()))
             };
             let scale = m.scale().ok_or_else(|| {
-                Error::key(&ad.path, inv.flat_name(m.index, false), "no usable alpha/rank")
+                Error::key(
+                    &ad.path,
+                    inv.flat_name(m.index, false),
+                    "no usable alpha/rank",
+                )
             })?;
             by_path.entry(spec.path.clone()).or_default().push(Factor {
                 down: t(down, "down")?,
@@ -184,7 +195,8 @@ impl StableDiffusion {
         let tok_dir = root.join("tokenizer");
         let tokenizer = ClipTokenizer::from_folder(&tok_dir)?
             .ok_or_else(|| Error::file(&tok_dir, "missing tokenizer (vocab.json + merges.txt)"))?;
-        let pad_id = crate::transport::folder_pad_id(&tok_dir, &tokenizer).unwrap_or(tokenizer.eos());
+        let pad_id =
+            crate::transport::folder_pad_id(&tok_dir, &tokenizer).unwrap_or(tokenizer.eos());
         let sched_path = root.join("scheduler/scheduler_config.json");
         let scheduler = SchedulerConfig::load(&sched_path)?;
         let prediction = scheduler
@@ -221,7 +233,8 @@ impl StableDiffusion {
         })?;
         if raw.is_empty() {
             let probe = Store::from_files(&[path.clone()], |k| {
-                k.starts_with("conditioner.embedders.").then(|| k.to_string())
+                k.starts_with("conditioner.embedders.")
+                    .then(|| k.to_string())
             })?;
             return Err(Error::file(
                 path,
@@ -232,11 +245,15 @@ impl StableDiffusion {
                 },
             ));
         }
-        let ctx_key = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight";
+        let ctx_key =
+            "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight";
         let ctx_dim = raw.shape(ctx_key).map(|s| s[s.len() - 1]);
         if let Some(d) = cfg_dir {
             if !d.join("model_index.json").is_file() {
-                return Err(Error::file(d, "--config must be a diffusers pipeline folder (no model_index.json)"));
+                return Err(Error::file(
+                    d,
+                    "--config must be a diffusers pipeline folder (no model_index.json)",
+                ));
             }
         }
         let arch = ctx_dim.and_then(arch_of);
@@ -263,8 +280,16 @@ impl StableDiffusion {
             super::unet::PerBlock::One(v) => vec![*v; unet_cfg.block_out_channels.len()],
             super::unet::PerBlock::Each(v) => v.clone(),
         };
-        let down: Vec<bool> = unet_cfg.down_block_types.iter().map(|t| t.starts_with("CrossAttn")).collect();
-        let up: Vec<bool> = unet_cfg.up_block_types.iter().map(|t| t.starts_with("CrossAttn")).collect();
+        let down: Vec<bool> = unet_cfg
+            .down_block_types
+            .iter()
+            .map(|t| t.starts_with("CrossAttn"))
+            .collect();
+        let up: Vec<bool> = unet_cfg
+            .up_block_types
+            .iter()
+            .map(|t| t.starts_with("CrossAttn"))
+            .collect();
         let rename = load::ldm_unet_renamer(load::ldm_unet_prefixes(&layers, &down, &up));
         let has_v_key = raw.contains("v_pred");
         let store = Store::from_files(&[path.clone()], rename)?;
@@ -279,7 +304,10 @@ impl StableDiffusion {
             load::ldm_vae_renamer(vae_cfg.block_out_channels.len()),
         )?;
         if store.is_empty() {
-            return Err(Error::file(path, "no VAE in this checkpoint (no first_stage_model.* keys)"));
+            return Err(Error::file(
+                path,
+                "no VAE in this checkpoint (no first_stage_model.* keys)",
+            ));
         }
         let vae = build_vae(store, vae_cfg, spec, path)?;
 
@@ -295,13 +323,20 @@ impl StableDiffusion {
             Some(t) if t.is_dir() => {
                 let tok = ClipTokenizer::from_folder(&t)?
                     .ok_or_else(|| Error::file(&t, "missing vocab.json + merges.txt"))?;
-                let pad = crate::transport::folder_pad_id(&t, &tok)
-                    .unwrap_or(if openclip { 0 } else { tok.eos() });
+                let pad = crate::transport::folder_pad_id(&t, &tok).unwrap_or(if openclip {
+                    0
+                } else {
+                    tok.eos()
+                });
                 (tok, pad)
             }
             _ => (
                 ClipTokenizer::embedded(),
-                if openclip { 0 } else { crate::transport::gate::EOS },
+                if openclip {
+                    0
+                } else {
+                    crate::transport::gate::EOS
+                },
             ),
         };
         let mut scheduler = match cfg_dir {
@@ -309,7 +344,10 @@ impl StableDiffusion {
             None => SchedulerConfig::from_json(SD_SCHEDULER)?,
         };
         let (prediction, source) = if has_v_key {
-            ("v_prediction".to_string(), "the checkpoint's `v_pred` key".to_string())
+            (
+                "v_prediction".to_string(),
+                "the checkpoint's `v_pred` key".to_string(),
+            )
         } else if cfg_dir.is_some() {
             (
                 scheduler
@@ -402,8 +440,12 @@ fn build_unet(
 
 fn build_vae(store: Store, cfg: VaeConfig, spec: &LoadSpec, origin: &Path) -> Result<Vae> {
     let vb = store.var_builder(spec.dtype, &spec.device);
-    Vae::new(Builder::new(vb, Arc::new(AdapterSet::default())), cfg, spec.vae_encoder)
-        .map_err(map_candle(origin, "VAE"))
+    Vae::new(
+        Builder::new(vb, Arc::new(AdapterSet::default())),
+        cfg,
+        spec.vae_encoder,
+    )
+    .map_err(map_candle(origin, "VAE"))
 }
 
 fn check_vocab(text: &ClipTextModel, tok: &ClipTokenizer, pad: u32, path: &Path) -> Result<()> {
@@ -412,7 +454,9 @@ fn check_vocab(text: &ClipTextModel, tok: &ClipTokenizer, pad: u32, path: &Path)
     if max_id as usize >= rows {
         return Err(Error::file(
             path,
-            format!("the text encoder has {rows} token rows but the tokenizer emits ids up to {max_id}"),
+            format!(
+                "the text encoder has {rows} token rows but the tokenizer emits ids up to {max_id}"
+            ),
         ));
     }
     Ok(())
@@ -428,6 +472,9 @@ fn is_v_model(unet: &UNet, spec: &LoadSpec) -> candle_core::Result<bool> {
     let ctx = (Tensor::ones((1, 2, ctx_dim), spec.dtype, dev)? * 0.5)?;
     let t = Tensor::new(&[999f32], dev)?;
     let out = unet.forward(&x, &t, &ctx, &Rows::none())?;
-    let d = (out - &x)?.to_dtype(DType::F32)?.mean_all()?.to_scalar::<f32>()?;
+    let d = (out - &x)?
+        .to_dtype(DType::F32)?
+        .mean_all()?
+        .to_scalar::<f32>()?;
     Ok(d < -1.0)
 }

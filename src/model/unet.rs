@@ -29,10 +29,7 @@ impl PerBlock {
         match self {
             PerBlock::One(v) => Ok(vec![*v; n]),
             PerBlock::Each(v) if v.len() == n => Ok(v.clone()),
-            PerBlock::Each(v) => Err(format!(
-                "`{field}` has {} entries for {n} blocks",
-                v.len()
-            )),
+            PerBlock::Each(v) => Err(format!("`{field}` has {} entries for {n} blocks", v.len())),
         }
     }
 }
@@ -214,7 +211,9 @@ impl UNetConfig {
         let heads = self.heads()?;
         for (i, (&c, &h)) in self.block_out_channels.iter().zip(&heads).enumerate() {
             if h == 0 || c % h != 0 {
-                return Err(format!("block {i}: {c} channels do not split into {h} heads"));
+                return Err(format!(
+                    "block {i}: {c} channels do not split into {h} heads"
+                ));
             }
             if c % self.norm_num_groups != 0 {
                 return Err(format!(
@@ -297,7 +296,9 @@ impl ResnetBlock {
     }
 
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>, rows: &Rows) -> Result<Tensor> {
-        let h = self.conv1.forward(&silu_t(&self.norm1.forward(x)?)?, rows)?;
+        let h = self
+            .conv1
+            .forward(&silu_t(&self.norm1.forward(x)?)?, rows)?;
         let h = match (&self.time_emb_proj, temb) {
             (Some(p), Some(t)) => {
                 let t = p.forward(&silu_t(t)?, rows)?;
@@ -354,7 +355,12 @@ impl CrossAttention {
         let q = split(self.to_q.forward(x, rows)?, n)?;
         let k = split(self.to_k.forward(ctx, rows)?, m)?;
         let v = split(self.to_v.forward(ctx, rows)?, m)?;
-        let o = attention(&q.contiguous()?, &k.contiguous()?, &v.contiguous()?, self.scale)?;
+        let o = attention(
+            &q.contiguous()?,
+            &k.contiguous()?,
+            &v.contiguous()?,
+            self.scale,
+        )?;
         let o = o
             .reshape((b, self.heads, n, hd))?
             .transpose(1, 2)?
@@ -391,7 +397,10 @@ impl TransformerBlock {
 
     fn forward(&self, x: &Tensor, ctx: &Tensor, rows: &Rows) -> Result<Tensor> {
         let x = (self.attn1.forward(&self.norm1.forward(x)?, None, rows)? + x)?;
-        let x = (self.attn2.forward(&self.norm2.forward(&x)?, Some(ctx), rows)? + &x)?;
+        let x = (self
+            .attn2
+            .forward(&self.norm2.forward(&x)?, Some(ctx), rows)?
+            + &x)?;
         let h = self.ff_proj.forward(&self.norm3.forward(&x)?, rows)?;
         let half = h.dim(D::Minus1)? / 2;
         // GEGLU with diffusers' exact (erf) GELU, not the tanh form.
@@ -438,7 +447,12 @@ impl SpatialTransformer {
             proj_in: proj("proj_in")?,
             blocks: (0..depth)
                 .map(|i| {
-                    TransformerBlock::new(b.pp(format!("transformer_blocks.{i}")), c, ctx_dim, heads)
+                    TransformerBlock::new(
+                        b.pp(format!("transformer_blocks.{i}")),
+                        c,
+                        ctx_dim,
+                        heads,
+                    )
                 })
                 .collect::<Result<_>>()?,
             proj_out: proj("proj_out")?,
@@ -570,7 +584,14 @@ impl UNet {
 
         let last = ch[n - 1];
         let mb = b.pp("mid_block");
-        let mut mid_res = vec![ResnetBlock::new(mb.pp("resnets.0"), last, last, Some(temb), g, eps)?];
+        let mut mid_res = vec![ResnetBlock::new(
+            mb.pp("resnets.0"),
+            last,
+            last,
+            Some(temb),
+            g,
+            eps,
+        )?];
         let mid_attn = vec![SpatialTransformer::new(
             mb.pp("attentions.0"),
             last,
@@ -580,7 +601,14 @@ impl UNet {
             g,
             lin,
         )?];
-        mid_res.push(ResnetBlock::new(mb.pp("resnets.1"), last, last, Some(temb), g, eps)?);
+        mid_res.push(ResnetBlock::new(
+            mb.pp("resnets.1"),
+            last,
+            last,
+            Some(temb),
+            g,
+            eps,
+        )?);
         let mid = MidBlock {
             resnets: mid_res,
             attentions: mid_attn,
@@ -646,7 +674,9 @@ impl UNet {
             mid,
             up,
             norm_out: b.pp("conv_norm_out").group_norm(g, ch[0], eps)?,
-            conv_out: b.pp("conv_out").conv2d(ch[0], config.out_channels, 3, 1, 1)?,
+            conv_out: b
+                .pp("conv_out")
+                .conv2d(ch[0], config.out_channels, 3, 1, 1)?,
             config,
         })
     }

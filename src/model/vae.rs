@@ -263,7 +263,9 @@ impl Decoder {
         }
         let first = cfg.block_out_channels[0];
         Ok(Decoder {
-            conv_in: b.pp("conv_in").conv2d(cfg.latent_channels, rch[0], 3, 1, 1)?,
+            conv_in: b
+                .pp("conv_in")
+                .conv2d(cfg.latent_channels, rch[0], 3, 1, 1)?,
             mid: Mid::new(b.pp("mid_block"), rch[0], cfg)?,
             blocks,
             norm_out: b.pp("conv_norm_out").group_norm(g, first, 1e-6)?,

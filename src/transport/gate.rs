@@ -24,13 +24,13 @@ use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
-use crate::model::clip::{cosine, ClipTextModel};
 use super::prompt::normalize;
 use super::strict::{self, Normalize};
 use super::tokenizer::ClipTokenizer;
 use crate::adapter::Adapter;
 use crate::convert::Curve;
 use crate::error::{Error, Result};
+use crate::model::clip::{cosine, ClipTextModel};
 
 /// CLIP's begin/end-of-text ids.
 pub const BOS: u32 = 49406;

@@ -47,7 +47,10 @@ impl Ddim {
                 .collect(),
             Spacing::Leading => {
                 let ratio = train / steps;
-                (0..steps).rev().map(|i| (i * ratio) as i64 + offset).collect()
+                (0..steps)
+                    .rev()
+                    .map(|i| (i * ratio) as i64 + offset)
+                    .collect()
             }
             Spacing::Trailing => np_arange_down(train as f64, train as f64 / steps as f64)
                 .iter()
@@ -117,9 +120,10 @@ impl Scheduler for Ddim {
                 let (x0, eps) = match self.prediction {
                     Prediction::Epsilon => ((x - sqrt_beta * m) / sqrt_alpha, m),
                     Prediction::Sample => (m, (x - sqrt_alpha * m) / sqrt_beta),
-                    Prediction::VPrediction => {
-                        (sqrt_alpha * x - sqrt_beta * m, sqrt_alpha * m + sqrt_beta * x)
-                    }
+                    Prediction::VPrediction => (
+                        sqrt_alpha * x - sqrt_beta * m,
+                        sqrt_alpha * m + sqrt_beta * x,
+                    ),
                 };
                 let x0 = match clip {
                     Some(r) => x0.clamp(-r, r),
@@ -139,5 +143,9 @@ impl Scheduler for Ddim {
 /// `sqrt(ᾱ)·x + sqrt(1-ᾱ)·noise` in float32 (DDIM, PNDM).
 pub(super) fn add_noise_alpha(alpha: f32, original: &[f32], noise: &[f32]) -> Vec<f32> {
     let (a, b) = (alpha.sqrt(), (1.0 - alpha).sqrt());
-    original.iter().zip(noise).map(|(&x, &n)| a * x + b * n).collect()
+    original
+        .iter()
+        .zip(noise)
+        .map(|(&x, &n)| a * x + b * n)
+        .collect()
 }

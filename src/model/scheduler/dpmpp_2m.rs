@@ -34,7 +34,9 @@ pub(super) fn check_is_2m(config: &SchedulerConfig) -> Result<()> {
         Some(other) => {
             return Err(config.error(
                 "algorithm_type",
-                format!("is {other:?}; spm's DPM-Solver samplers are dpmsolver++ (--sampler dpmpp-2m)"),
+                format!(
+                    "is {other:?}; spm's DPM-Solver samplers are dpmsolver++ (--sampler dpmpp-2m)"
+                ),
             ))
         }
     }
@@ -74,9 +76,19 @@ impl DpmPp2m {
     pub fn new(config: &SchedulerConfig, steps: usize, karras: bool) -> Result<Self> {
         config.reject_flags(
             "DPM++ 2M",
-            &["thresholding", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas"],
+            &[
+                "thresholding",
+                "use_exponential_sigmas",
+                "use_beta_sigmas",
+                "use_lu_lambdas",
+                "use_flow_sigmas",
+            ],
         )?;
-        config.reject_other("final_sigmas_type", config.final_sigmas_type.as_deref(), "zero")?;
+        config.reject_other(
+            "final_sigmas_type",
+            config.final_sigmas_type.as_deref(),
+            "zero",
+        )?;
         if let Some(v) = &config.variance_type {
             return Err(config.error(
                 "variance_type",
@@ -141,7 +153,10 @@ impl DpmPp2m {
                 }
                 Spacing::Leading => {
                     let ratio = train / (steps + 1);
-                    (1..=steps).rev().map(|i| (i * ratio) as i64 + offset).collect()
+                    (1..=steps)
+                        .rev()
+                        .map(|i| (i * ratio) as i64 + offset)
+                        .collect()
                 }
                 Spacing::Trailing => np_arange_down(train as f64, train as f64 / steps as f64)
                     .iter()
@@ -149,7 +164,10 @@ impl DpmPp2m {
                     .collect(),
             };
             check_indices(config, &ts, train)?;
-            let s = ts.iter().map(|&t| np_interp(t as f64, &table) as f32).collect();
+            let s = ts
+                .iter()
+                .map(|&t| np_interp(t as f64, &table) as f32)
+                .collect();
             (ts, s)
         };
         sigmas.push(0.0);
@@ -246,6 +264,10 @@ impl Scheduler for DpmPp2m {
 
     fn add_noise(&self, original: &[f32], noise: &[f32], timestep: f64) -> Vec<f32> {
         let (alpha, sigma) = alpha_sigma(self.sigmas[self.index_of(timestep)]);
-        original.iter().zip(noise).map(|(&x, &n)| alpha * x + sigma * n).collect()
+        original
+            .iter()
+            .zip(noise)
+            .map(|(&x, &n)| alpha * x + sigma * n)
+            .collect()
     }
 }

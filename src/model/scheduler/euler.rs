@@ -5,7 +5,10 @@
 //! float64 and then rounded to float32, and the UNet input is divided by
 //! sqrt(sigma² + 1).
 
-use super::{np_arange_down, np_interp, np_linspace, train_sigmas, Prediction, Scheduler, SchedulerConfig, Spacing};
+use super::{
+    np_arange_down, np_interp, np_linspace, train_sigmas, Prediction, Scheduler, SchedulerConfig,
+    Spacing,
+};
 use crate::model::noise::TorchRng;
 use crate::Result;
 
@@ -19,7 +22,11 @@ pub(super) struct SigmaSchedule {
 impl SigmaSchedule {
     /// diffusers' Euler `set_timesteps` with linear interpolation and
     /// neither Karras, exponential nor beta sigmas.
-    pub(super) fn new(config: &SchedulerConfig, steps: usize, rescale_zero_snr: bool) -> Result<Self> {
+    pub(super) fn new(
+        config: &SchedulerConfig,
+        steps: usize,
+        rescale_zero_snr: bool,
+    ) -> Result<Self> {
         let train = config.num_train_timesteps()?;
         let spacing = config.spacing(Spacing::Linspace)?;
         let mut alphas_cumprod = config.alphas_cumprod(rescale_zero_snr)?;
@@ -36,7 +43,10 @@ impl SigmaSchedule {
                 .collect(),
             Spacing::Leading => {
                 let ratio = train / steps;
-                (0..steps).rev().map(|i| (i * ratio) as f32 + offset).collect()
+                (0..steps)
+                    .rev()
+                    .map(|i| (i * ratio) as f32 + offset)
+                    .collect()
             }
             Spacing::Trailing => np_arange_down(train as f64, train as f64 / steps as f64)
                 .iter()
@@ -54,7 +64,11 @@ impl SigmaSchedule {
             Spacing::Linspace | Spacing::Trailing => max,
             Spacing::Leading => (max * max + 1.0).sqrt(),
         };
-        Ok(SigmaSchedule { timesteps, sigmas, init_noise_sigma })
+        Ok(SigmaSchedule {
+            timesteps,
+            sigmas,
+            init_noise_sigma,
+        })
     }
 
     /// diffusers' `index_for_timestep`: the position of `timestep`, the
@@ -80,7 +94,11 @@ impl SigmaSchedule {
     /// original + noise · sigma(timestep).
     pub(super) fn add_noise(&self, original: &[f32], noise: &[f32], timestep: f64) -> Vec<f32> {
         let sigma = self.sigmas[self.index_of(timestep)];
-        original.iter().zip(noise).map(|(&x, &n)| x + n * sigma).collect()
+        original
+            .iter()
+            .zip(noise)
+            .map(|(&x, &n)| x + n * sigma)
+            .collect()
     }
 }
 
@@ -110,16 +128,27 @@ impl Euler {
     /// rejected (the `euler` sampler is the plain schedule).
     pub fn new(config: &SchedulerConfig, steps: usize) -> Result<Self> {
         config.reject_flags("Euler", &["use_exponential_sigmas", "use_beta_sigmas"])?;
-        config.reject_other("interpolation_type", config.interpolation_type.as_deref(), "linear")?;
+        config.reject_other(
+            "interpolation_type",
+            config.interpolation_type.as_deref(),
+            "linear",
+        )?;
         config.reject_other("timestep_type", config.timestep_type.as_deref(), "discrete")?;
-        config.reject_other("final_sigmas_type", config.final_sigmas_type.as_deref(), "zero")?;
+        config.reject_other(
+            "final_sigmas_type",
+            config.final_sigmas_type.as_deref(),
+            "zero",
+        )?;
         let prediction = config.prediction(&[
             Prediction::Epsilon,
             Prediction::VPrediction,
             Prediction::Sample,
         ])?;
-        let schedule =
-            SigmaSchedule::new(config, steps, config.rescale_betas_zero_snr.unwrap_or(false))?;
+        let schedule = SigmaSchedule::new(
+            config,
+            steps,
+            config.rescale_betas_zero_snr.unwrap_or(false),
+        )?;
         Ok(Euler {
             timesteps_f64: schedule.timesteps.iter().map(|&t| t as f64).collect(),
             schedule,

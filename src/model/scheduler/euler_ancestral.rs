@@ -23,8 +23,11 @@ impl EulerAncestral {
     /// prediction for it, so neither does spm.
     pub fn new(config: &SchedulerConfig, steps: usize) -> Result<Self> {
         let prediction = config.prediction(&[Prediction::Epsilon, Prediction::VPrediction])?;
-        let schedule =
-            SigmaSchedule::new(config, steps, config.rescale_betas_zero_snr.unwrap_or(false))?;
+        let schedule = SigmaSchedule::new(
+            config,
+            steps,
+            config.rescale_betas_zero_snr.unwrap_or(false),
+        )?;
         Ok(EulerAncestral {
             timesteps_f64: schedule.timesteps.iter().map(|&t| t as f64).collect(),
             schedule,

@@ -180,7 +180,11 @@ impl Sampler {
             "DDIMScheduler" => Ok(Sampler::Ddim),
             "PNDMScheduler" => Ok(Sampler::Pndm),
             "EulerDiscreteScheduler" => {
-                for field in ["use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"] {
+                for field in [
+                    "use_karras_sigmas",
+                    "use_exponential_sigmas",
+                    "use_beta_sigmas",
+                ] {
                     if config.flag(field).unwrap_or(false) {
                         return Err(config.error(
                             field,
@@ -236,7 +240,9 @@ pub fn build(
     let config = config.effective();
     let train = config.num_train_timesteps()?;
     if steps == 0 {
-        return Err(Error::usage("the number of steps must be at least 1 (got 0)"));
+        return Err(Error::usage(
+            "the number of steps must be at least 1 (got 0)",
+        ));
     }
     if steps > train {
         return Err(Error::usage(format!(
@@ -436,7 +442,10 @@ impl SchedulerConfig {
 
     fn num_train_timesteps(&self) -> Result<usize> {
         match self.num_train_timesteps.unwrap_or(1000) {
-            n if n < 2 => Err(self.error("num_train_timesteps", format!("is {n}; it must be at least 2"))),
+            n if n < 2 => Err(self.error(
+                "num_train_timesteps",
+                format!("is {n}; it must be at least 2"),
+            )),
             n => Ok(n),
         }
     }
@@ -567,7 +576,9 @@ fn de_float<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<f64>,
             "Infinity" => Ok(Some(f64::INFINITY)),
             "-Infinity" => Ok(Some(f64::NEG_INFINITY)),
             "NaN" => Ok(Some(f64::NAN)),
-            _ => Err(serde::de::Error::custom(format!("expected a number, found {w:?}"))),
+            _ => Err(serde::de::Error::custom(format!(
+                "expected a number, found {w:?}"
+            ))),
         },
     }
 }
@@ -692,7 +703,10 @@ fn rescale_zero_terminal_snr(betas: &[f32]) -> Vec<f32> {
 
 /// sqrt((1 - ᾱ) / ᾱ) per training timestep, in float32.
 fn train_sigmas(alphas_cumprod: &[f32]) -> Vec<f32> {
-    alphas_cumprod.iter().map(|&a| ((1.0 - a) / a).sqrt()).collect()
+    alphas_cumprod
+        .iter()
+        .map(|&a| ((1.0 - a) / a).sqrt())
+        .collect()
 }
 
 // ------------------------------------------------------- numpy float64 ---

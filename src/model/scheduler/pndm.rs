@@ -7,7 +7,9 @@
 //! at t, t - gap/2, t - gap/2 and t - gap).
 
 use super::ddim::add_noise_alpha;
-use super::{check_indices, np_arange_down, np_linspace, Prediction, Scheduler, SchedulerConfig, Spacing};
+use super::{
+    check_indices, np_arange_down, np_linspace, Prediction, Scheduler, SchedulerConfig, Spacing,
+};
 use crate::model::noise::TorchRng;
 use crate::Result;
 
@@ -215,15 +217,23 @@ impl Scheduler for Pndm {
                         model_output.to_vec()
                     }
                     1 | 2 => {
-                        let sum = self.rk_sum.get_or_insert_with(|| vec![0.0; model_output.len()]);
+                        let sum = self
+                            .rk_sum
+                            .get_or_insert_with(|| vec![0.0; model_output.len()]);
                         for (s, &m) in sum.iter_mut().zip(model_output) {
                             *s += third * m;
                         }
                         model_output.to_vec()
                     }
                     _ => {
-                        let sum = self.rk_sum.take().unwrap_or_else(|| vec![0.0; model_output.len()]);
-                        sum.iter().zip(model_output).map(|(&s, &m)| s + sixth * m).collect()
+                        let sum = self
+                            .rk_sum
+                            .take()
+                            .unwrap_or_else(|| vec![0.0; model_output.len()]);
+                        sum.iter()
+                            .zip(model_output)
+                            .map(|(&s, &m)| s + sixth * m)
+                            .collect()
                     }
                 };
                 let start = self.cur_sample.clone().unwrap_or_else(|| sample.to_vec());
@@ -244,7 +254,11 @@ impl Scheduler for Pndm {
                     model_output.to_vec()
                 } else if n == 1 && counter == 1 {
                     from = self.cur_sample.take().unwrap_or_else(|| sample.to_vec());
-                    model_output.iter().zip(&e[0]).map(|(&m, &p)| (m + p) / 2.0).collect()
+                    model_output
+                        .iter()
+                        .zip(&e[0])
+                        .map(|(&m, &p)| (m + p) / 2.0)
+                        .collect()
                 } else if n == 2 {
                     (0..model_output.len())
                         .map(|i| (3.0 * e[1][i] - e[0][i]) / 2.0)
