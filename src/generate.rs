@@ -214,7 +214,7 @@ fn plan_files(opts: &GenerateOptions) -> Vec<Vec<PathBuf>> {
 }
 
 fn candle(what: &str) -> impl Fn(candle_core::Error) -> Error + '_ {
-    move |e| Error::usage(format!("{what}: {e}"))
+    move |e| Error::usage(format!("{what}: {}", crate::model::nn::error_message(&e)))
 }
 
 /// A1111's `quote`: values with `,`, `:` or a newline become JSON strings.

@@ -84,6 +84,8 @@ pub struct Factor {
     pub up: Tensor,
     pub scale: f64,
     pub slot: usize,
+    /// The adapter file, for error messages.
+    pub from: Arc<str>,
 }
 
 /// Adapter factors by the dotted diffusers path of the layer they adapt,
@@ -233,7 +235,8 @@ fn check_factors(factors: Vec<Factor>, path: &str, w: &[usize]) -> Result<Vec<Fa
             let u_n = f.up.elem_count();
             if r == 0 || d_n != r * per_row || u_n != out_dim * r {
                 candle_core::bail!(
-                    "adapter for {path}: factors down {:?} / up {:?} do not fit the layer's weight {:?}",
+                    "{}: module {path}: factors down {:?} / up {:?} do not fit the layer's weight {:?} (is the adapter for another architecture?)",
+                    f.from,
                     f.down.dims(),
                     f.up.dims(),
                     w
@@ -502,4 +505,16 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
         Tensor::cat(&parts, 1)?
     };
     out.to_dtype(dtype)
+}
+
+/// A candle error as one line for users: the message without the
+/// backtrace candle attaches when `RUST_BACKTRACE` is set.
+pub fn error_message(e: &candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => error_message(inner),
+        candle_core::Error::Context { inner, context } => {
+            format!("{context}: {}", error_message(inner))
+        }
+        other => other.to_string(),
+    }
 }

@@ -75,7 +75,7 @@ const SD_SCHEDULER: &str = r#"{"_class_name": "PNDMScheduler", "beta_start": 0.0
 
 fn map_candle<'a>(path: &'a Path, what: &str) -> impl Fn(candle_core::Error) -> Error + 'a {
     let what = what.to_string();
-    move |e| Error::file(path, format!("{what}: {e}"))
+    move |e| Error::file(path, format!("{what}: {}", super::nn::error_message(&e)))
 }
 
 /// Adapters as the UNet's layers take them: slot k = `adapters[k]`.
@@ -91,6 +91,7 @@ pub fn adapter_set(
     for (slot, ad) in adapters.iter().enumerate() {
         ad.ensure_plain("apply")?;
         let inv = ad.inventory();
+        let from: Arc<str> = ad.path.display().to_string().into();
         for m in &ad.modules {
             let spec = &inv.modules[m.index];
             if spec.component != Component::Unet {
@@ -133,6 +134,7 @@ pub fn adapter_set(
                 up: t(up, "up")?,
                 scale,
                 slot,
+                from: from.clone(),
             });
         }
     }

@@ -71,11 +71,11 @@ impl SigmaSchedule {
         })
     }
 
-    /// diffusers' `index_for_timestep`: the position of `timestep`, the
-    /// second one if it occurs twice.
+    /// diffusers' `index_for_timestep`: the position of `timestep` (compared
+    /// as a float32, like the timestep tensor), the second if it repeats.
     pub(super) fn index_of(&self, timestep: f64) -> usize {
         let hits: Vec<usize> = (0..self.timesteps.len())
-            .filter(|&i| self.timesteps[i] as f64 == timestep)
+            .filter(|&i| self.timesteps[i] == timestep as f32)
             .collect();
         match hits.len() {
             0 => panic!("timestep {timestep} is not one of this scheduler's timesteps"),
