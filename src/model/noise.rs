@@ -26,11 +26,15 @@
 //! `log`/`sincos` polynomials of its `avx_mathfun.h`, compiled with fused
 //! multiply-adds; its DEFAULT build (no AVX2, or `ATEN_CPU_CAPABILITY=default`)
 //! calls the C library's `logf`/`cosf`/`sinf`. The two differ in the last bit
-//! of about 40 % of the values. [`NormalKernel`] picks one; the default is the
-//! vectorised one. Both are plain IEEE `f32` arithmetic here, so the results
-//! do not depend on the CPU this crate runs on (the scalar kernel and the
-//! fewer-than-16 path do call the platform's `log`/`sin`/`cos`, as torch does
-//! on the same platform).
+//! of about 40 % of the values. [`NormalKernel`] picks one; the default is
+//! the vectorised one, and it is plain IEEE arithmetic here (with a fused
+//! multiply-add of its own, not the C library's), so spm gives the same
+//! values on every platform. The scalar kernel calls the platform's
+//! `logf`/`cosf`/`sinf`, as torch's DEFAULT build does, so it matches torch
+//! built on the same C library (checked on glibc). The fewer-than-16 path
+//! calls the platform's double `log1p`/`sin`/`cos` as torch does; its
+//! results are rounded to float, which hides their last-bit differences
+//! (glibc and MinGW give the same draws on the fixtures).
 
 /// Which of torch's float Box–Muller kernels (used when 16 or more values are
 /// drawn at once) to reproduce.
@@ -187,7 +191,7 @@ impl TorchRng {
             self.box_muller_16(&mut data[i..i + 16]);
             i += 16;
         }
-        if n % 16 != 0 {
+        if !n.is_multiple_of(16) {
             let tail = &mut data[n - 16..];
             for v in tail.iter_mut() {
                 *v = self.uniform_f32();
@@ -223,15 +227,45 @@ impl TorchRng {
     }
 }
 
+/// `a * b + c` with one rounding (a fused multiply-add), in plain `f64`
+/// arithmetic, so that it is the same on every platform: `f32::mul_add`
+/// calls the C library's `fmaf` on CPUs built without FMA, and MinGW's is
+/// not correctly rounded. The product of two floats is exact in a double;
+/// the sum is rounded to odd (Boldo & Melquiond 2008), after which rounding
+/// to float is the correct rounding of the exact result.
+pub(crate) fn fused_mul_add(a: f32, b: f32, c: f32) -> f32 {
+    let p = a as f64 * b as f64;
+    let c = c as f64;
+    let s = p + c;
+    if !s.is_finite() {
+        return s as f32;
+    }
+    // The exact rounding error of the sum (Knuth's TwoSum).
+    let bb = s - p;
+    let err = (p - (s - bb)) + (c - bb);
+    let mut bits = s.to_bits();
+    if err != 0.0 && bits & 1 == 0 {
+        // Round to odd: step to the odd neighbour on the side of the error.
+        if (err > 0.0) == (s > 0.0) {
+            bits += 1;
+        } else {
+            bits -= 1;
+        }
+    }
+    f64::from_bits(bits) as f32
+}
+
 /// The single-precision `log` and `sincos` of torch's `avx_mathfun.h`
 /// (Julien Pommier's SSE port of the Cephes library, zlib licence), one lane
-/// at a time. The constants are Cephes'; `mul_add` marks each multiply-add
+/// at a time. The constants are Cephes'; `fused_mul_add` marks each multiply-add
 /// that GCC fuses in torch's AVX2 build (a product whose only use is one
 /// addition, taken in statement order), since fusing changes the last bit.
 mod cephes {
-    // Constants are written as doubles and rounded to float, as the C
-    // initialisers do.
-    const SQRTHF: f32 = 0.707106781186547524_f64 as f32;
+    use super::fused_mul_add;
+
+    // Constants are written as doubles (Cephes' digits, shortened to what a
+    // double holds) and rounded to float, as the C initialisers do.
+    const SQRTHF: f32 = std::f64::consts::FRAC_1_SQRT_2 as f32; // 0.707106781186547524
     const LOG_P: [f32; 9] = [
         7.0376836292E-2_f64 as f32,
         -1.1514610310E-1_f64 as f32,
@@ -244,12 +278,12 @@ mod cephes {
         3.3333331174E-1_f64 as f32,
     ];
     const LOG_Q1: f32 = -2.12194440e-4_f64 as f32;
-    const LOG_Q2: f32 = 0.693359375;
+    const LOG_Q2: f32 = 0.693_359_375_f64 as f32;
 
     const FOPI: f32 = 1.27323954473516_f64 as f32; // 4 / pi
     const MINUS_DP1: f32 = -0.78515625;
-    const MINUS_DP2: f32 = -2.4187564849853515625e-4_f64 as f32;
-    const MINUS_DP3: f32 = -3.77489497744594108e-8_f64 as f32;
+    const MINUS_DP2: f32 = -2.418_756_484_985_351_6e-4_f64 as f32;
+    const MINUS_DP3: f32 = -3.774_894_977_445_941e-8_f64 as f32;
     const SIN_P: [f32; 3] = [
         -1.9515295891E-4_f64 as f32,
         8.3321608736E-3_f64 as f32,
@@ -281,12 +315,12 @@ mod cephes {
         let z = m * m;
         let mut y = LOG_P[0];
         for &p in &LOG_P[1..] {
-            y = y.mul_add(m, p);
+            y = fused_mul_add(y, m, p);
         }
         y *= m;
-        y = y.mul_add(z, e * LOG_Q1);
-        y = (-z).mul_add(0.5, y);
-        e.mul_add(LOG_Q2, m + y)
+        y = fused_mul_add(y, z, e * LOG_Q1);
+        y = fused_mul_add(-z, 0.5, y);
+        fused_mul_add(e, LOG_Q2, m + y)
     }
 
     /// (sin x, cos x) for |x| well below 8192 (Box–Muller uses [0, 2π)).
@@ -300,21 +334,21 @@ mod cephes {
         let sin_sign = sign_in ^ (((j & 4) as u32) << 29);
         let cos_sign = ((!(j - 2) & 4) as u32) << 29;
         let use_sin_poly = j & 2 == 0;
-        let mut r = yj.mul_add(MINUS_DP1, ax);
-        r = yj.mul_add(MINUS_DP2, r);
-        r = yj.mul_add(MINUS_DP3, r);
+        let mut r = fused_mul_add(yj, MINUS_DP1, ax);
+        r = fused_mul_add(yj, MINUS_DP2, r);
+        r = fused_mul_add(yj, MINUS_DP3, r);
         let z = r * r;
         // cos polynomial on [0, pi/4]
-        let mut c = COS_P[0].mul_add(z, COS_P[1]);
-        c = c.mul_add(z, COS_P[2]);
+        let mut c = fused_mul_add(COS_P[0], z, COS_P[1]);
+        c = fused_mul_add(c, z, COS_P[2]);
         c *= z;
-        c = c.mul_add(z, -(z * 0.5));
+        c = fused_mul_add(c, z, -(z * 0.5));
         c += 1.0;
         // sin polynomial on [0, pi/4]
-        let mut s = SIN_P[0].mul_add(z, SIN_P[1]);
-        s = s.mul_add(z, SIN_P[2]);
+        let mut s = fused_mul_add(SIN_P[0], z, SIN_P[1]);
+        s = fused_mul_add(s, z, SIN_P[2]);
         s *= z;
-        s = s.mul_add(r, r);
+        s = fused_mul_add(s, r, r);
         // The C selects by masks and adds a zero, turning -0 into +0.
         let (sin, cos) = if use_sin_poly { (s, c) } else { (c, s) };
         (

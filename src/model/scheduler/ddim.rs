@@ -4,7 +4,8 @@
 //! `trailing` spacing makes the real gap another).
 
 use super::{
-    check_indices, np_arange_down, np_linspace, Prediction, Scheduler, SchedulerConfig, Spacing,
+    check_indices, check_steps, np_arange_down, np_linspace, Prediction, Scheduler,
+    SchedulerConfig, Spacing,
 };
 use crate::model::noise::TorchRng;
 use crate::Result;
@@ -23,11 +24,12 @@ pub struct Ddim {
 impl Ddim {
     /// `DDIMScheduler.from_config(config)` then `set_timesteps(steps)`.
     pub fn new(config: &SchedulerConfig, steps: usize) -> Result<Self> {
+        let config = &config.effective();
         config.reject_flags("DDIM", &["thresholding"])?;
-        let train = config.num_train_timesteps()?;
+        let train = check_steps(config, steps)?;
         let prediction = config.prediction(&[
             Prediction::Epsilon,
-            Prediction::VPrediction,
+            Prediction::Velocity,
             Prediction::Sample,
         ])?;
         let spacing = config.spacing(Spacing::Leading)?;
@@ -59,7 +61,14 @@ impl Ddim {
         };
         check_indices(config, &timesteps, train)?;
         let clip = if config.clip_sample.unwrap_or(true) {
-            Some(config.clip_sample_range.unwrap_or(1.0) as f32)
+            let range = config.clip_sample_range.unwrap_or(1.0);
+            if range.is_nan() || range < 0.0 {
+                return Err(config.error(
+                    "clip_sample_range",
+                    format!("is {range}; it must be a number of at least 0"),
+                ));
+            }
+            Some(range as f32)
         } else {
             None
         };
@@ -120,7 +129,7 @@ impl Scheduler for Ddim {
                 let (x0, eps) = match self.prediction {
                     Prediction::Epsilon => ((x - sqrt_beta * m) / sqrt_alpha, m),
                     Prediction::Sample => (m, (x - sqrt_alpha * m) / sqrt_beta),
-                    Prediction::VPrediction => (
+                    Prediction::Velocity => (
                         sqrt_alpha * x - sqrt_beta * m,
                         sqrt_alpha * m + sqrt_beta * x,
                     ),

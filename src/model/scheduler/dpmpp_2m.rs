@@ -8,8 +8,8 @@
 //! they are the rounded training timesteps nearest each Karras sigma.
 
 use super::{
-    check_indices, np_arange_down, np_interp, np_linspace, sigma_to_t, train_sigmas, Prediction,
-    Scheduler, SchedulerConfig, Spacing,
+    check_indices, check_steps, np_arange_down, np_interp, np_linspace, sigma_to_t, train_sigmas,
+    Prediction, Scheduler, SchedulerConfig, Spacing,
 };
 use crate::model::noise::TorchRng;
 use crate::Result;
@@ -86,6 +86,7 @@ impl DpmPp2m {
     /// algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint",
     /// use_karras_sigmas=karras)` then `set_timesteps(steps)`.
     pub fn new(config: &SchedulerConfig, steps: usize, karras: bool) -> Result<Self> {
+        let config = &config.effective();
         config.reject_flags(
             "DPM++ 2M",
             &[
@@ -115,10 +116,10 @@ impl DpmPp2m {
                 ));
             }
         }
-        let train = config.num_train_timesteps()?;
+        let train = check_steps(config, steps)?;
         let prediction = config.prediction(&[
             Prediction::Epsilon,
-            Prediction::VPrediction,
+            Prediction::Velocity,
             Prediction::Sample,
         ])?;
         let spacing = config.spacing(Spacing::Linspace)?;
@@ -251,7 +252,7 @@ impl Scheduler for DpmPp2m {
             .zip(model_output)
             .map(|(&x, &m)| match self.prediction {
                 Prediction::Epsilon => (x - sigma_s0 * m) / alpha_s0,
-                Prediction::VPrediction => alpha_s0 * x - sigma_s0 * m,
+                Prediction::Velocity => alpha_s0 * x - sigma_s0 * m,
                 Prediction::Sample => m,
             })
             .collect();

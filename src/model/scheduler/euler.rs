@@ -6,8 +6,8 @@
 //! sqrt(sigma² + 1).
 
 use super::{
-    np_arange_down, np_interp, np_linspace, train_sigmas, Prediction, Scheduler, SchedulerConfig,
-    Spacing,
+    check_steps, np_arange_down, np_interp, np_linspace, train_sigmas, Prediction, Scheduler,
+    SchedulerConfig, Spacing,
 };
 use crate::model::noise::TorchRng;
 use crate::Result;
@@ -27,7 +27,7 @@ impl SigmaSchedule {
         steps: usize,
         rescale_zero_snr: bool,
     ) -> Result<Self> {
-        let train = config.num_train_timesteps()?;
+        let train = check_steps(config, steps)?;
         let spacing = config.spacing(Spacing::Linspace)?;
         let mut alphas_cumprod = config.alphas_cumprod(rescale_zero_snr)?;
         if rescale_zero_snr {
@@ -107,7 +107,7 @@ impl SigmaSchedule {
 pub(super) fn predict_x0(prediction: Prediction, sigma: f32, sample: f32, output: f32) -> f32 {
     match prediction {
         Prediction::Epsilon => sample - sigma * output,
-        Prediction::VPrediction => {
+        Prediction::Velocity => {
             let s2 = sigma * sigma + 1.0;
             output * (-sigma / s2.sqrt()) + sample / s2
         }
@@ -127,6 +127,7 @@ impl Euler {
     /// `set_timesteps(steps)`. Karras, exponential and beta sigmas are
     /// rejected (the `euler` sampler is the plain schedule).
     pub fn new(config: &SchedulerConfig, steps: usize) -> Result<Self> {
+        let config = &config.effective();
         config.reject_flags("Euler", &["use_exponential_sigmas", "use_beta_sigmas"])?;
         config.reject_other(
             "interpolation_type",
@@ -141,7 +142,7 @@ impl Euler {
         )?;
         let prediction = config.prediction(&[
             Prediction::Epsilon,
-            Prediction::VPrediction,
+            Prediction::Velocity,
             Prediction::Sample,
         ])?;
         let schedule = SigmaSchedule::new(
@@ -177,8 +178,8 @@ impl Scheduler for Euler {
         sample: &[f32],
         _rng: &mut TorchRng,
     ) -> Vec<f32> {
-        // No churn: sigma_hat = sigma, no noise drawn.
-        let sigma = self.schedule.sigmas[step] * (0.0 + 1.0);
+        // No churn (s_churn 0): sigma_hat = sigma, no noise drawn.
+        let sigma = self.schedule.sigmas[step];
         let dt = self.schedule.sigmas[step + 1] - sigma;
         sample
             .iter()

@@ -22,7 +22,8 @@ impl EulerAncestral {
     /// `set_timesteps(steps)`. diffusers does not implement `sample`
     /// prediction for it, so neither does spm.
     pub fn new(config: &SchedulerConfig, steps: usize) -> Result<Self> {
-        let prediction = config.prediction(&[Prediction::Epsilon, Prediction::VPrediction])?;
+        let config = &config.effective();
+        let prediction = config.prediction(&[Prediction::Epsilon, Prediction::Velocity])?;
         let schedule = SigmaSchedule::new(
             config,
             steps,

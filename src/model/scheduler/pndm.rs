@@ -8,7 +8,8 @@
 
 use super::ddim::add_noise_alpha;
 use super::{
-    check_indices, np_arange_down, np_linspace, Prediction, Scheduler, SchedulerConfig, Spacing,
+    check_indices, check_steps, np_arange_down, np_linspace, Prediction, Scheduler,
+    SchedulerConfig, Spacing,
 };
 use crate::model::noise::TorchRng;
 use crate::Result;
@@ -43,8 +44,9 @@ pub struct Pndm {
 impl Pndm {
     /// `PNDMScheduler.from_config(config)` then `set_timesteps(steps)`.
     pub fn new(config: &SchedulerConfig, steps: usize) -> Result<Self> {
-        let train = config.num_train_timesteps()?;
-        let prediction = config.prediction(&[Prediction::Epsilon, Prediction::VPrediction])?;
+        let config = &config.effective();
+        let train = check_steps(config, steps)?;
+        let prediction = config.prediction(&[Prediction::Epsilon, Prediction::Velocity])?;
         let spacing = config.spacing(Spacing::Leading)?;
         // PNDMScheduler takes no `rescale_betas_zero_snr`.
         let alphas_cumprod = config.alphas_cumprod(false)?;
@@ -168,7 +170,7 @@ impl Pndm {
             .zip(model_output)
             .map(|(&x, &m)| {
                 let eps = match self.prediction {
-                    Prediction::VPrediction => sa * m + sb * x,
+                    Prediction::Velocity => sa * m + sb * x,
                     _ => m,
                 };
                 sample_coeff * x - gain * eps / denom
