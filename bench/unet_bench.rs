@@ -16,9 +16,11 @@ fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1).map(|v| v.parse::<f64>().unwrap_or(0.0) / 1024.0))
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .map(|v| v.parse::<f64>().unwrap_or(0.0) / 1024.0)
+            })
         })
         .unwrap_or(0.0)
 }
@@ -53,7 +55,10 @@ fn main() -> candle_core::Result<()> {
     let dev = Device::Cpu;
     let t0 = Instant::now();
     let vb = VarBuilder::from_backend(Box::new(Random), DType::F32, dev.clone());
-    let unet = UNet::new(Builder::new(vb, Arc::new(AdapterSet::default())), UNetConfig::v1_5())?;
+    let unet = UNet::new(
+        Builder::new(vb, Arc::new(AdapterSet::default())),
+        UNetConfig::v1_5(),
+    )?;
     // Random weights are plain tensors, not trainable variables: inference.
     let build = t0.elapsed().as_secs_f64();
     let x = Tensor::randn(0f32, 1f32, (2, 4, latent, latent), &dev)?;

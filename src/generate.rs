@@ -119,7 +119,11 @@ pub fn check(opts: &GenerateOptions) -> Result<()> {
     if opts.prompts.is_empty() {
         return Err(Error::usage("give at least one prompt"));
     }
-    if opts.width == 0 || opts.height == 0 || opts.width % 8 != 0 || opts.height % 8 != 0 {
+    if opts.width == 0
+        || opts.height == 0
+        || !opts.width.is_multiple_of(8)
+        || !opts.height.is_multiple_of(8)
+    {
         return Err(Error::usage(format!(
             "--size {}x{}: width and height must be positive multiples of 8 (the VAE works in 8×8 cells)",
             opts.width, opts.height
@@ -247,6 +251,8 @@ fn infotext(
         ("Seed".into(), opts.seed.to_string()),
         ("Size".into(), format!("{}x{}", opts.width, opts.height)),
         ("Model".into(), model.to_string()),
+        // torch's CPU generator draws the noise (A1111's "RNG: CPU" source).
+        ("RNG".into(), "CPU".into()),
     ]);
     if opts.clip_skip != 1 {
         pairs.push(("Clip skip".into(), opts.clip_skip.to_string()));

@@ -110,8 +110,9 @@ fn sd2_pad_and_bang_split() {
     let v = tok.encode_padded("hello!!", 77, PAD_SD2);
     assert_eq!(&v[..5], &[BOS, 3306, 0, 0, EOS]);
     assert!(v[5..].iter().all(|&i| i == 0));
-    assert_eq!(ClipTokenizer::special_ids(PAD_SD2), vec![BOS, EOS, 0]);
-    assert_eq!(ClipTokenizer::special_ids(EOS), vec![BOS, EOS]);
+    assert_eq!(tok.special_ids(PAD_SD2), vec![BOS, EOS, 0]);
+    assert_eq!(tok.special_ids(EOS), vec![BOS, EOS]);
+    assert_eq!((tok.bos(), tok.eos()), (BOS, EOS));
 }
 
 #[test]

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use common::*;
 use spm::convert::Curve;
-use spm::transport::clip::{self, Activation, LoadOptions};
+use spm::model::clip::{self, Activation, LoadOptions};
 use spm::transport::gate::{Engine, GateOptions, Membrane, Metric, EOS};
 use spm::transport::tokenizer::ClipTokenizer;
 

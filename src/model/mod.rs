@@ -6,6 +6,7 @@
 //! adapters live in [`nn`]; checkpoint layouts in [`load`]; the whole model
 //! in [`sd`]. `spm generate` and the trainer call the same code.
 pub mod clip;
+pub mod kernels;
 pub mod load;
 pub mod nn;
 pub mod noise;

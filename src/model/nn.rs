@@ -195,7 +195,7 @@ impl<'a> Builder<'a> {
     }
 
     pub fn group_norm(&self, groups: usize, channels: usize, eps: f64) -> Result<GroupNorm> {
-        if groups == 0 || channels % groups != 0 {
+        if groups == 0 || !channels.is_multiple_of(groups) {
             candle_core::bail!(
                 "{}: {channels} channels cannot be split into {groups} groups",
                 self.vb.prefix()
@@ -393,12 +393,23 @@ impl Conv2d {
                 let w2 = w.reshape((o, c))?;
                 let y = w2.broadcast_matmul(&x.reshape((b, c, h * wd))?)?;
                 y.reshape((b, o, h, wd))
+            } else if w.dim(2)? == 3
+                && w.dim(3)? == 3
+                && stride == 1
+                && pad == 1
+                && x.device().is_cpu()
+                && x.dtype() == DType::F32
+                && !x.track_op()
+                && !w.track_op()
+            {
+                x.contiguous()?
+                    .apply_op2_no_bwd(&w.contiguous()?, &super::kernels::Conv3x3)
             } else {
                 x.conv2d(w, pad, stride, 1, 1)
             }
         };
-        let y = conv(x, &self.weight, self.stride, self.pad)?
-            .broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?;
+        let y = conv(x, &self.weight, self.stride, self.pad)?;
+        let y = y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?;
         let extra = adapter_sum(
             x,
             &self.factors,
@@ -481,11 +492,21 @@ pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
 /// `CHUNK_ELEMS` values (a 64×64 latent's self-attention would otherwise
 /// hold B·H·4096² floats at once: 1 GiB at batch 2 in SD1.5). Scores are
 /// computed in f32 (what `upcast_attention` asks for, and harmless in f32).
+/// On the CPU, when no graph is recorded, the fused kernel of
+/// [`super::kernels`] does the same without ever holding the scores.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     const CHUNK_ELEMS: usize = 1 << 24;
     let (bh, n, _) = q.dims3()?;
     let m = k.dim(1)?;
     let dtype = q.dtype();
+    let recording = q.track_op() || k.track_op() || v.track_op();
+    if !recording && q.device().is_cpu() {
+        let op = super::kernels::FusedAttention {
+            scale: scale as f32,
+        };
+        let f = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
+        return f(q)?.apply_op3_no_bwd(&f(k)?, &f(v)?, &op)?.to_dtype(dtype);
+    }
     let kt = k.to_dtype(DType::F32)?.t()?.contiguous()?;
     let v32 = v.to_dtype(DType::F32)?;
     let step = (CHUNK_ELEMS / (bh * m).max(1)).clamp(1, n);
@@ -516,5 +537,61 @@ pub fn error_message(e: &candle_core::Error) -> String {
             format!("{context}: {}", error_message(inner))
         }
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    /// The fused CPU kernels (taken when nothing records a graph) and the
+    /// differentiable candle ops (taken when something does) agree, so the
+    /// trainer sees the network `generate` runs. Attention is checked
+    /// against the textbook softmax(QKᵀ·s)V, the convolution against
+    /// candle's conv2d.
+    #[test]
+    fn fused_kernels_equal_the_differentiable_path() {
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1., (3, 300, 8), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1., (3, 77, 8), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1., (3, 77, 5), &dev).unwrap();
+        let fused = attention(&q, &k, &v, 0.35).unwrap();
+        let tracked = Var::from_tensor(&q).unwrap();
+        let composite = attention(tracked.as_tensor(), &k, &v, 0.35).unwrap();
+        let textbook = candle_nn::ops::softmax(
+            &(q.matmul(&k.t().unwrap()).unwrap() * 0.35).unwrap(),
+            D::Minus1,
+        )
+        .unwrap()
+        .matmul(&v)
+        .unwrap();
+        assert!(max_diff(&fused, &textbook) < 1e-5);
+        assert!(max_diff(&composite, &textbook) < 1e-5);
+
+        let x = Tensor::randn(0f32, 1., (2, 5, 7, 9), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1., (4, 5, 3, 3), &dev).unwrap();
+        let b = Tensor::zeros(4, DType::F32, &dev).unwrap();
+        let conv = Conv2d {
+            weight: w.clone(),
+            bias: b,
+            stride: 1,
+            pad: 1,
+            factors: Vec::new(),
+        };
+        let fused = conv.forward(&x, &Rows::none()).unwrap();
+        let reference = x.conv2d(&w, 1, 1, 1, 1).unwrap();
+        assert!(max_diff(&fused, &reference) < 1e-4);
     }
 }

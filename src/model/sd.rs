@@ -230,11 +230,11 @@ impl StableDiffusion {
     fn load_single(spec: &LoadSpec, adapters: Arc<AdapterSet>) -> Result<Self> {
         let path = &spec.model;
         let cfg_dir = spec.config.as_deref();
-        let raw = Store::from_files(&[path.clone()], |k| {
+        let raw = Store::from_files(std::slice::from_ref(path), |k| {
             (k.starts_with("model.diffusion_model.") || k == "v_pred").then(|| k.to_string())
         })?;
         if raw.is_empty() {
-            let probe = Store::from_files(&[path.clone()], |k| {
+            let probe = Store::from_files(std::slice::from_ref(path), |k| {
                 k.starts_with("conditioner.embedders.")
                     .then(|| k.to_string())
             })?;
@@ -294,7 +294,7 @@ impl StableDiffusion {
             .collect();
         let rename = load::ldm_unet_renamer(load::ldm_unet_prefixes(&layers, &down, &up));
         let has_v_key = raw.contains("v_pred");
-        let store = Store::from_files(&[path.clone()], rename)?;
+        let store = Store::from_files(std::slice::from_ref(path), rename)?;
         let unet = build_unet(store, unet_cfg, spec, adapters, path)?;
 
         let vae_cfg: VaeConfig = match cfg_dir {
@@ -302,7 +302,7 @@ impl StableDiffusion {
             None => VaeConfig::sd(),
         };
         let store = Store::from_files(
-            &[path.clone()],
+            std::slice::from_ref(path),
             load::ldm_vae_renamer(vae_cfg.block_out_channels.len()),
         )?;
         if store.is_empty() {
