@@ -273,3 +273,39 @@ fn existing_image_needs_force() {
     let (ok, err) = generate(&gen("sd1"), &out, &["--force", "a cat"]);
     assert!(ok, "{err}");
 }
+
+/// Ctrl-C (SIGINT) stops between steps: exit 130, no half-written PNG and
+/// no temp file left in the output folder.
+#[cfg(unix)]
+#[test]
+fn ctrl_c_stops_cleanly() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("out");
+    let bin = assert_cmd::cargo::cargo_bin("spm");
+    let child = std::process::Command::new(bin)
+        .args([
+            "generate",
+            "--model",
+            p(&gen("sd1")),
+            "--steps",
+            "500",
+            "--size",
+            "64x64",
+            "-o",
+            p(&out),
+            "a cat",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Let it load and start denoising.
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(130), "{err}");
+    assert!(err.contains("stopped by Ctrl-C"), "{err}");
+    assert!(files(&out).is_empty(), "{:?}", files(&out));
+}

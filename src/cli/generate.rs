@@ -240,7 +240,18 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         indicatif::ProgressBar::hidden()
     };
     let cancel = cancel_on_ctrl_c();
-    let summary = generate::run(&opts, &Bar(bar), &cancel)?;
+    let summary = match generate::run(&opts, &Bar(bar), &cancel) {
+        Err(Error::Cancelled) => {
+            // Finished images were written atomically and stay; the one in
+            // progress never reached the disk. 130 = killed by SIGINT.
+            eprintln!(
+                "stopped by Ctrl-C; images finished before it are in {}",
+                a.output.display()
+            );
+            std::process::exit(130);
+        }
+        r => r?,
+    };
     if a.json {
         println!(
             "{}",
