@@ -522,6 +522,8 @@ pub fn run(
     for f in files.iter().flatten() {
         check_output(f, &inputs, OutputKind::File, opts.force)?;
     }
+    // Only now, when no output can land in an input, may the folder appear.
+    std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
 
     let adapters: Vec<Adapter> = opts
         .membranes

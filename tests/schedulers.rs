@@ -200,7 +200,14 @@ fn rand_matches_torch_and_shares_the_stream_with_randn() {
     }
 }
 
+/// torch's DEFAULT build calls the C library's logf/cosf/sinf; glibc's are
+/// what produced the reference, and other C libraries (MinGW's under wine,
+/// macOS's) round differently in the last bit, so only glibc can match.
 #[test]
+#[cfg_attr(
+    not(all(target_os = "linux", target_env = "gnu")),
+    ignore = "the scalar kernel follows the C library's logf/cosf/sinf; the reference is glibc's"
+)]
 fn scalar_kernel_matches_torchs_default_build() {
     let data = fixture("noise.json");
     assert_eq!(data["scalar"]["cpu_capability"], "DEFAULT");

@@ -228,7 +228,6 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         force: a.force,
     };
     generate::check(&opts)?;
-    std::fs::create_dir_all(&a.output).map_err(|e| Error::io(&a.output, e))?;
     let bar = if std::io::stderr().is_terminal() && !a.json {
         indicatif::ProgressBar::new(0).with_style(
             indicatif::ProgressStyle::with_template(
