@@ -560,9 +560,9 @@ pub fn run(
     } else {
         let mut e = Engine::shared(sd.tokenizer.clone(), Some(sd.text.clone()), sd.pad_id);
         let ms: Vec<Membrane> = if needs_ft {
-            opts.membranes
+            adapters
                 .iter()
-                .map(|p| Membrane::from_file(p))
+                .map(Membrane::from_adapter)
                 .collect::<Result<_>>()?
         } else {
             Vec::new()

@@ -19,6 +19,7 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::io::safetensors::SafetensorsFile;
+use crate::io::tensor::RawTensor;
 
 /// The activation of the MLP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -275,7 +276,7 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<(ClipTextModel, EncoderIn
             .find(|p| p.exists())
             .ok_or_else(|| Error::file(&dir, "no model.safetensors in the text encoder folder"))?;
         let f = SafetensorsFile::open(&weights)?;
-        let tensors = collect(&f, |k| {
+        let tensors = collect(&weights, &f.tensors(), |k| {
             let k = k.strip_prefix("text_model.").unwrap_or(k);
             (k.starts_with("embeddings.")
                 || k.starts_with("encoder.")
@@ -284,8 +285,19 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<(ClipTextModel, EncoderIn
         })?;
         return build(&weights, tensors, config, "diffusers text_encoder");
     }
-    let f = SafetensorsFile::open(path)?;
-    let has = |p: &str| f.header.tensors.iter().any(|t| t.name.starts_with(p));
+    // `.safetensors` through a memory map, `.ckpt` pickles read as data.
+    let file = crate::io::open_tensor_file(path)?;
+    load_single(path, &file.tensors, opts)
+}
+
+/// The text encoder of a single-file checkpoint whose tensors are already
+/// read (`spm generate` reads a checkpoint once for all three networks).
+pub fn load_single(
+    path: &Path,
+    all: &[(String, RawTensor)],
+    opts: &LoadOptions,
+) -> Result<(ClipTextModel, EncoderInfo)> {
+    let has = |p: &str| all.iter().any(|(k, _)| k.starts_with(p));
     if has("conditioner.embedders.") {
         return Err(Error::file(
             path,
@@ -298,12 +310,12 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<(ClipTextModel, EncoderIn
         } else {
             "cond_stage_model.transformer."
         };
-        let tensors = collect(&f, |k| k.strip_prefix(prefix).map(String::from))?;
+        let tensors = collect(path, all, |k| k.strip_prefix(prefix).map(String::from))?;
         let config = infer_config(path, &tensors, opts, Activation::QuickGelu)?;
         return build(path, tensors, config, "ldm sd1 (HF CLIP)");
     }
     if has("cond_stage_model.model.transformer.resblocks.") {
-        let tensors = openclip_to_hf(path, &f, "cond_stage_model.model.", opts)?;
+        let tensors = openclip_to_hf(path, all, "cond_stage_model.model.", opts)?;
         let config = infer_config(path, &tensors, opts, Activation::Gelu)?;
         return build(path, tensors, config, "ldm sd2 (OpenCLIP)");
     }
@@ -313,7 +325,7 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<(ClipTextModel, EncoderIn
     ))
 }
 
-fn to_tensor(t: &crate::io::tensor::RawTensor, path: &Path, key: &str) -> Result<Tensor> {
+fn to_tensor(t: &RawTensor, path: &Path, key: &str) -> Result<Tensor> {
     let v = t
         .to_f32()
         .ok_or_else(|| Error::key(path, key, "not a float tensor"))?;
@@ -323,13 +335,14 @@ fn to_tensor(t: &crate::io::tensor::RawTensor, path: &Path, key: &str) -> Result
 
 /// Read the tensors whose renamed key `rename` returns, as f32.
 fn collect(
-    f: &SafetensorsFile,
+    path: &Path,
+    all: &[(String, RawTensor)],
     rename: impl Fn(&str) -> Option<String>,
 ) -> Result<HashMap<String, Tensor>> {
     let mut out = HashMap::new();
-    for t in &f.header.tensors {
-        if let Some(k) = rename(&t.name) {
-            out.insert(k, to_tensor(&f.tensor(t), &f.path, &t.name)?);
+    for (name, t) in all {
+        if let Some(k) = rename(name) {
+            out.insert(k, to_tensor(t, path, name)?);
         }
     }
     Ok(out)
@@ -391,11 +404,11 @@ fn infer_config(
 /// fused `in_proj` into q/k/v rows (lora-schemes.md §3.4).
 fn openclip_to_hf(
     path: &Path,
-    f: &SafetensorsFile,
+    all: &[(String, RawTensor)],
     prefix: &str,
     opts: &LoadOptions,
 ) -> Result<HashMap<String, Tensor>> {
-    let raw = collect(f, |k| k.strip_prefix(prefix).map(String::from))?;
+    let raw = collect(path, all, |k| k.strip_prefix(prefix).map(String::from))?;
     let get = |k: &str| {
         raw.get(k)
             .cloned()

@@ -39,31 +39,66 @@ pub struct Store {
     origin: String,
 }
 
-impl Store {
-    /// All tensors of the given files, renamed by `rename` (None: skip).
-    pub fn from_files(files: &[PathBuf], rename: impl Fn(&str) -> Option<String>) -> Result<Store> {
-        let mut entries = HashMap::new();
+/// Every tensor of some files, read once (memory-mapped safetensors, or a
+/// pickle parsed as data), so one checkpoint can feed several stores.
+pub struct Tensors {
+    files: Vec<PathBuf>,
+    items: Vec<(Arc<PathBuf>, String, RawTensor)>,
+}
+
+impl Tensors {
+    pub fn read(files: &[PathBuf]) -> Result<Tensors> {
+        let mut items = Vec::new();
         for path in files {
             let file = Arc::new(path.clone());
             for (key, tensor) in read_tensors(path)? {
-                if let Some(name) = rename(&key) {
-                    entries.insert(
-                        name,
-                        Entry {
-                            tensor,
-                            file: file.clone(),
-                            key,
-                        },
-                    );
-                }
+                items.push((file.clone(), key, tensor));
             }
         }
-        let origin = files
+        Ok(Tensors {
+            files: files.to_vec(),
+            items,
+        })
+    }
+
+    /// `(key, tensor)` pairs, in file order.
+    pub fn pairs(&self) -> Vec<(String, RawTensor)> {
+        self.items
+            .iter()
+            .map(|(_, k, t)| (k.clone(), t.clone()))
+            .collect()
+    }
+
+    /// A store of the tensors `rename` keeps, under its names (tensors
+    /// share their bytes with this set).
+    pub fn store(&self, rename: impl Fn(&str) -> Option<String>) -> Store {
+        let mut entries = HashMap::new();
+        for (file, key, tensor) in &self.items {
+            if let Some(name) = rename(key) {
+                entries.insert(
+                    name,
+                    Entry {
+                        tensor: tensor.clone(),
+                        file: file.clone(),
+                        key: key.clone(),
+                    },
+                );
+            }
+        }
+        let origin = self
+            .files
             .iter()
             .map(|p| p.display().to_string())
             .collect::<Vec<_>>()
             .join(", ");
-        Ok(Store { entries, origin })
+        Store { entries, origin }
+    }
+}
+
+impl Store {
+    /// All tensors of the given files, renamed by `rename` (None: skip).
+    pub fn from_files(files: &[PathBuf], rename: impl Fn(&str) -> Option<String>) -> Result<Store> {
+        Ok(Tensors::read(files)?.store(rename))
     }
 
     pub fn len(&self) -> usize {

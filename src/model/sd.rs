@@ -213,7 +213,7 @@ impl StableDiffusion {
             prediction_source: "scheduler/scheduler_config.json".into(),
             name: model_name(root),
         };
-        check_vocab(&text, &tokenizer, pad_id, root)?;
+        crate::transport::check_vocab(&text, &tokenizer, pad_id, root)?;
         Ok(StableDiffusion {
             unet,
             vae,
@@ -230,14 +230,16 @@ impl StableDiffusion {
     fn load_single(spec: &LoadSpec, adapters: Arc<AdapterSet>) -> Result<Self> {
         let path = &spec.model;
         let cfg_dir = spec.config.as_deref();
-        let raw = Store::from_files(std::slice::from_ref(path), |k| {
+        // Read once: a `.ckpt` pickle is parsed here and nowhere again.
+        let all = load::Tensors::read(std::slice::from_ref(path))?;
+        let raw = all.store(|k| {
             (k.starts_with("model.diffusion_model.") || k == "v_pred").then(|| k.to_string())
-        })?;
+        });
         if raw.is_empty() {
-            let probe = Store::from_files(std::slice::from_ref(path), |k| {
+            let probe = all.store(|k| {
                 k.starts_with("conditioner.embedders.")
                     .then(|| k.to_string())
-            })?;
+            });
             return Err(Error::file(
                 path,
                 if probe.is_empty() {
@@ -278,10 +280,9 @@ impl StableDiffusion {
         unet_cfg
             .check()
             .map_err(|m| Error::file(path, format!("UNet config: {m}")))?;
-        let layers = match &unet_cfg.layers_per_block {
-            super::unet::PerBlock::One(v) => vec![*v; unet_cfg.block_out_channels.len()],
-            super::unet::PerBlock::Each(v) => v.clone(),
-        };
+        let layers = unet_cfg
+            .layers()
+            .map_err(|m| Error::file(path, format!("UNet config: {m}")))?;
         let down: Vec<bool> = unet_cfg
             .down_block_types
             .iter()
@@ -294,17 +295,13 @@ impl StableDiffusion {
             .collect();
         let rename = load::ldm_unet_renamer(load::ldm_unet_prefixes(&layers, &down, &up));
         let has_v_key = raw.contains("v_pred");
-        let store = Store::from_files(std::slice::from_ref(path), rename)?;
-        let unet = build_unet(store, unet_cfg, spec, adapters, path)?;
+        let unet = build_unet(all.store(rename), unet_cfg, spec, adapters, path)?;
 
         let vae_cfg: VaeConfig = match cfg_dir {
             Some(d) => load::read_config(&d.join("vae/config.json"))?,
             None => VaeConfig::sd(),
         };
-        let store = Store::from_files(
-            std::slice::from_ref(path),
-            load::ldm_vae_renamer(vae_cfg.block_out_channels.len()),
-        )?;
+        let store = all.store(load::ldm_vae_renamer(vae_cfg.block_out_channels.len()));
         if store.is_empty() {
             return Err(Error::file(
                 path,
@@ -319,7 +316,7 @@ impl StableDiffusion {
             opts.heads = Some(c.num_attention_heads);
             opts.activation = Some(c.hidden_act);
         }
-        let (text, te_info) = clip::load(path, &opts)?;
+        let (text, te_info) = clip::load_single(path, &all.pairs(), &opts)?;
         let openclip = te_info.layout.contains("OpenCLIP");
         let (tokenizer, pad_id) = match cfg_dir.map(|d| d.join("tokenizer")) {
             Some(t) if t.is_dir() => {
@@ -372,7 +369,7 @@ impl StableDiffusion {
             // SD2-768's own scheduler (stabilityai/stable-diffusion-2-1).
             scheduler.class_name = Some("DDIMScheduler".into());
         }
-        check_vocab(&text, &tokenizer, pad_id, path)?;
+        crate::transport::check_vocab(&text, &tokenizer, pad_id, path)?;
         Ok(StableDiffusion {
             unet,
             vae,
@@ -448,20 +445,6 @@ fn build_vae(store: Store, cfg: VaeConfig, spec: &LoadSpec, origin: &Path) -> Re
         spec.vae_encoder,
     )
     .map_err(map_candle(origin, "VAE"))
-}
-
-fn check_vocab(text: &ClipTextModel, tok: &ClipTokenizer, pad: u32, path: &Path) -> Result<()> {
-    let rows = text.config.vocab_size;
-    let max_id = tok.max_id().max(pad);
-    if max_id as usize >= rows {
-        return Err(Error::file(
-            path,
-            format!(
-                "the text encoder has {rows} token rows but the tokenizer emits ids up to {max_id}"
-            ),
-        ));
-    }
-    Ok(())
 }
 
 /// A1111's way to tell an SD2 v-model from an ε-model when nothing in the

@@ -237,7 +237,8 @@ impl UNetConfig {
             None => self.attention_head_dim.expand(n, "attention_head_dim"),
         }
     }
-    fn layers(&self) -> std::result::Result<Vec<usize>, String> {
+    /// Resnets per down block (up blocks have one more).
+    pub fn layers(&self) -> std::result::Result<Vec<usize>, String> {
         self.layers_per_block
             .expand(self.block_out_channels.len(), "layers_per_block")
     }

@@ -121,7 +121,13 @@ impl Membrane {
     /// Read a membrane's concepts (metadata `prompts`, also kept by
     /// `spm convert --to kohya`) and facts from its file.
     pub fn from_file(path: &Path) -> Result<Membrane> {
-        let ad = Adapter::load(path, None)?;
+        Self::from_adapter(&Adapter::load(path, None)?)
+    }
+
+    /// The same from an adapter already loaded (`spm generate` also
+    /// applies it, and need not read the file twice).
+    pub fn from_adapter(ad: &Adapter) -> Result<Membrane> {
+        let path = ad.path.as_path();
         let concepts = ad.concepts();
         if concepts.is_empty() {
             return Err(Error::file(

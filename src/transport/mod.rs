@@ -10,7 +10,7 @@ pub mod tokenizer;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::model::clip::{self, EncoderInfo, LoadOptions};
+use crate::model::clip::{self, ClipTextModel, EncoderInfo, LoadOptions};
 use gate::{Engine, EOS};
 use tokenizer::ClipTokenizer;
 
@@ -52,6 +52,27 @@ pub(crate) fn folder_pad_id(dir: &Path, tok: &ClipTokenizer) -> Option<u32> {
     }
 }
 
+/// Checked once at load: an id past the embedding table would otherwise
+/// fail deep inside candle, per prompt, without naming the file.
+pub(crate) fn check_vocab(
+    model: &ClipTextModel,
+    tokenizer: &ClipTokenizer,
+    pad: u32,
+    path: &Path,
+) -> Result<()> {
+    let rows = model.config.vocab_size;
+    let max_id = tokenizer.max_id().max(pad);
+    if max_id as usize >= rows {
+        return Err(Error::file(
+            path,
+            format!(
+                "the text encoder's token embedding has {rows} rows (vocab_size) but the tokenizer emits ids up to {max_id}; this encoder does not belong to its tokenizer"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Load tokenizer and (optionally) text encoder and make an engine.
 pub fn build_engine(spec: &EngineSpec) -> Result<(Engine, Option<EncoderInfo>)> {
     let Some(path) = &spec.text_encoder else {
@@ -76,19 +97,8 @@ pub fn build_engine(spec: &EngineSpec) -> Result<(Engine, Option<EncoderInfo>)> 
         tokenizer.eos()
     };
     let pad = spec.pad_id.or(folder_pad).unwrap_or(layout_pad);
-    // Checked here, once: an id past the embedding table would otherwise
-    // fail deep inside candle, per prompt, without naming the file.
-    let rows = model.config.vocab_size;
+    check_vocab(&model, &tokenizer, pad, path)?;
     let engine = Engine::new(tokenizer, Some(model), pad);
-    let max_id = engine.max_token_id().max(pad);
-    if max_id as usize >= rows {
-        return Err(Error::file(
-            path,
-            format!(
-                "the text encoder's token embedding has {rows} rows (vocab_size) but the tokenizer emits ids up to {max_id}; this encoder does not belong to a CLIP tokenizer of 49408 tokens"
-            ),
-        ));
-    }
     engine
         .probe()
         .map_err(|e| Error::file(path, e.to_string()))?;
