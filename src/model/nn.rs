@@ -439,7 +439,14 @@ impl GroupNorm {
         let dims = x.dims().to_vec();
         let (b, c) = (dims[0], dims[1]);
         let dtype = x.dtype();
-        let x = x.reshape((b, self.groups, ()))?.to_dtype(DType::F32)?;
+        // Statistics in f32 for f16/bf16 activations, never below the
+        // input's own precision (f64 stays f64).
+        let stats = if dtype == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
+        let x = x.reshape((b, self.groups, ()))?.to_dtype(stats)?;
         let mean = x.mean_keepdim(2)?;
         let xc = x.broadcast_sub(&mean)?;
         let var = xc.sqr()?.mean_keepdim(2)?;
@@ -507,14 +514,20 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
         let f = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
         return f(q)?.apply_op3_no_bwd(&f(k)?, &f(v)?, &op)?.to_dtype(dtype);
     }
-    let kt = k.to_dtype(DType::F32)?.t()?.contiguous()?;
-    let v32 = v.to_dtype(DType::F32)?;
+    // Scores in f32 for f16/bf16 (upcast_attention), f64 kept as f64.
+    let cdt = if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let kt = k.to_dtype(cdt)?.t()?.contiguous()?;
+    let v32 = v.to_dtype(cdt)?;
     let step = (CHUNK_ELEMS / (bh * m).max(1)).clamp(1, n);
     let mut parts = Vec::with_capacity(n.div_ceil(step));
     let mut start = 0;
     while start < n {
         let len = step.min(n - start);
-        let qc = q.narrow(1, start, len)?.to_dtype(DType::F32)?;
+        let qc = q.narrow(1, start, len)?.to_dtype(cdt)?;
         let s = (qc.matmul(&kt)? * scale)?;
         let p = softmax_last(&s)?;
         parts.push(p.matmul(&v32)?);
