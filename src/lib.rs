@@ -45,6 +45,7 @@ pub mod merge;
 pub mod model;
 pub mod schemes;
 pub mod serve;
+pub mod train;
 pub mod transport;
 
 pub use error::{Error, Result};

@@ -56,6 +56,7 @@ fn spec(model: PathBuf, config: Option<PathBuf>) -> LoadSpec {
         dtype: DType::F32,
         vae_encoder: true,
         prediction_type: None,
+        train: None,
     }
 }
 

@@ -208,6 +208,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
                 }
                 .to_string()
             }),
+            train: None,
         },
         prompts: a.prompts,
         negative: a.negative,

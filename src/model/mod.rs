@@ -5,6 +5,7 @@
 //! layout): [`unet`], [`vae`], [`clip`]; their layers and the one place
 //! adapters live in [`nn`]; checkpoint layouts in [`load`]; the whole model
 //! in [`sd`]. `spm generate` and the trainer call the same code.
+pub mod autograd;
 pub mod clip;
 pub mod kernels;
 pub mod load;

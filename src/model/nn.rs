@@ -19,6 +19,8 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
+use super::autograd::{skip_frozen_weight_grads, with_input_grad};
+
 /// How the factors of several adapters on one layer combine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -45,6 +47,37 @@ pub struct Rows {
     /// slot → `[B]` f32 tensor; `None` where the slot is 0 on every row
     /// (its adapters are skipped).
     slots: Vec<Option<Tensor>>,
+    /// Forget-Me-Not's hook on the cross-attention maps, when one is set.
+    pub probe: Option<Arc<AttnProbe>>,
+}
+
+/// Collects, from every cross-attention (`attn2`) layer of one forward
+/// pass, `Σ p²` over the probabilities `p` at the masked key columns:
+/// Forget-Me-Not's loss is the square root of their sum. The maps it reads
+/// are `N×77`, small enough to keep in the graph.
+#[derive(Debug)]
+pub struct AttnProbe {
+    /// `[B, M]` 0/1 over the key (token) columns.
+    pub mask: Tensor,
+    sums: Mutex<Vec<Tensor>>,
+}
+
+impl AttnProbe {
+    pub fn new(mask: Tensor) -> Self {
+        AttnProbe {
+            mask,
+            sums: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The per-layer sums recorded so far, in forward order.
+    pub fn take(&self) -> Vec<Tensor> {
+        std::mem::take(&mut *self.sums.lock().expect("probe lock"))
+    }
+
+    fn push(&self, t: Tensor) {
+        self.sums.lock().expect("probe lock").push(t);
+    }
 }
 
 impl Rows {
@@ -53,6 +86,7 @@ impl Rows {
         Rows {
             mix: Mix::Reference,
             slots: Vec::new(),
+            probe: None,
         }
     }
 
@@ -68,7 +102,17 @@ impl Rows {
                 }
             })
             .collect::<Result<_>>()?;
-        Ok(Rows { mix, slots })
+        Ok(Rows {
+            mix,
+            slots,
+            probe: None,
+        })
+    }
+
+    /// The same strengths with Forget-Me-Not's attention probe attached.
+    pub fn with_probe(mut self, probe: Arc<AttnProbe>) -> Rows {
+        self.probe = Some(probe);
+        self
     }
 
     fn slot(&self, k: usize) -> Option<&Tensor> {
@@ -134,18 +178,199 @@ impl AdapterSet {
 pub struct Builder<'a> {
     pub vb: VarBuilder<'a>,
     adapters: Arc<AdapterSet>,
+    train: Option<Arc<Trainables>>,
+}
+
+/// What a trainer asks the builder to make trainable: the selected layers'
+/// own weight and bias (ESD, Forget-Me-Not `--full`), and/or fresh LoRA
+/// factors on the selected layers (SPM's membranes, `--rank`). Selection
+/// is by dotted diffusers module path (`…attn2.to_k`); everything made
+/// trainable is recorded as a [`Var`](candle_core::Var) under a stable name
+/// (`<path>.weight`/`.bias`, `<path>.down`/`.up`), in build order.
+pub struct Trainables {
+    full: Option<Selector>,
+    lora: Option<(Selector, usize, f64)>,
+    rng: Mutex<super::noise::TorchRng>,
+    vars: Mutex<Vec<(String, candle_core::Var)>>,
+    modules: Mutex<Vec<String>>,
+}
+
+type Selector = Box<dyn Fn(&str) -> bool + Send + Sync>;
+
+impl std::fmt::Debug for Trainables {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Trainables({} vars)", self.vars().len())
+    }
+}
+
+impl Trainables {
+    /// Nothing selected yet; `seed` drives the LoRA `down` initialisation.
+    pub fn new(seed: u64) -> Self {
+        Trainables {
+            full: None,
+            lora: None,
+            rng: Mutex::new(super::noise::TorchRng::manual_seed(seed)),
+            vars: Mutex::new(Vec::new()),
+            modules: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Train the weight and bias of the layers `select` picks.
+    pub fn full(mut self, select: impl Fn(&str) -> bool + Send + Sync + 'static) -> Self {
+        self.full = Some(Box::new(select));
+        self
+    }
+
+    /// Put a rank-`rank` LoRA with scale `alpha/rank` on the layers
+    /// `select` picks, initialised as kohya and SPM do: `down` from
+    /// kaiming_uniform(a=√5) = U(±1/√fan_in), `up` = 0 (so the network
+    /// starts as the base model).
+    pub fn lora(
+        mut self,
+        select: impl Fn(&str) -> bool + Send + Sync + 'static,
+        rank: usize,
+        alpha: f64,
+    ) -> Self {
+        self.lora = Some((Box::new(select), rank, alpha));
+        self
+    }
+
+    /// Whether some layers train their full weights.
+    pub fn has_full(&self) -> bool {
+        self.full.is_some()
+    }
+
+    /// `(name, variable)` in build order.
+    pub fn vars(&self) -> Vec<(String, candle_core::Var)> {
+        self.vars.lock().expect("vars lock").clone()
+    }
+
+    /// The module paths that got something trainable, in build order.
+    pub fn modules(&self) -> Vec<String> {
+        self.modules.lock().expect("modules lock").clone()
+    }
+
+    /// The LoRA's rank and alpha, when one was asked for.
+    pub fn lora_rank_alpha(&self) -> Option<(usize, f64)> {
+        self.lora.as_ref().map(|(_, r, a)| (*r, *a))
+    }
+
+    fn adopt(&self, name: String, t: &Tensor) -> Result<Tensor> {
+        let v = candle_core::Var::from_tensor(t)?;
+        let out = v.as_tensor().clone();
+        self.vars.lock().expect("vars lock").push((name, v));
+        Ok(out)
+    }
+
+    fn note(&self, path: &str) {
+        let mut m = self.modules.lock().expect("modules lock");
+        if m.last().map(String::as_str) != Some(path) {
+            m.push(path.to_string());
+        }
+    }
+
+    /// The layer's weight and bias, as variables when selected.
+    fn weights(
+        &self,
+        path: &str,
+        w: Tensor,
+        b: Option<Tensor>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        match &self.full {
+            Some(sel) if sel(path) => {
+                self.note(path);
+                let w = self.adopt(format!("{path}.weight"), &w)?;
+                let b = b
+                    .map(|b| self.adopt(format!("{path}.bias"), &b))
+                    .transpose()?;
+                Ok((w, b))
+            }
+            _ => Ok((w, b)),
+        }
+    }
+
+    /// A fresh factor for a layer with weight shape `w` (`[out, in(, k, k)]`).
+    fn factor(
+        &self,
+        path: &str,
+        w: &[usize],
+        dtype: DType,
+        dev: &candle_core::Device,
+    ) -> Result<Option<Factor>> {
+        let Some((sel, rank, alpha)) = &self.lora else {
+            return Ok(None);
+        };
+        if !sel(path) {
+            return Ok(None);
+        }
+        self.note(path);
+        let fan_in: usize = w[1..].iter().product();
+        let bound = 1.0 / (fan_in as f64).sqrt();
+        let mut d_shape = vec![*rank];
+        d_shape.extend_from_slice(&w[1..]);
+        let mut u_shape = vec![w[0], *rank];
+        u_shape.resize(w.len(), 1);
+        let n: usize = d_shape.iter().product();
+        let u01 = self.rng.lock().expect("rng lock").rand(n);
+        let vals: Vec<f32> = u01
+            .iter()
+            .map(|u| ((2.0 * *u as f64 - 1.0) * bound) as f32)
+            .collect();
+        let down = Tensor::from_vec(vals, d_shape, dev)?.to_dtype(dtype)?;
+        let up = Tensor::zeros(u_shape, dtype, dev)?;
+        Ok(Some(Factor {
+            down: self.adopt(format!("{path}.down"), &down)?,
+            up: self.adopt(format!("{path}.up"), &up)?,
+            scale: alpha / *rank as f64,
+            slot: 0,
+            from: "trained".into(),
+        }))
+    }
 }
 
 impl<'a> Builder<'a> {
     pub fn new(vb: VarBuilder<'a>, adapters: Arc<AdapterSet>) -> Self {
-        Builder { vb, adapters }
+        Builder {
+            vb,
+            adapters,
+            train: None,
+        }
+    }
+
+    /// Layers `train` selects get trainable weights or factors.
+    pub fn with_trainables(mut self, train: Arc<Trainables>) -> Self {
+        self.train = Some(train);
+        self
     }
 
     pub fn pp(&self, s: impl ToString) -> Self {
         Builder {
             vb: self.vb.pp(s),
             adapters: self.adapters.clone(),
+            train: self.train.clone(),
         }
+    }
+
+    /// The weight (and bias) of the module being built, as variables when
+    /// it is selected for full training.
+    fn trainable(&self, w: Tensor, b: Option<Tensor>) -> Result<(Tensor, Option<Tensor>)> {
+        match &self.train {
+            Some(t) => t.weights(&self.vb.prefix(), w, b),
+            None => Ok((w, b)),
+        }
+    }
+
+    /// The adapters aimed at this layer, plus a trainable factor when the
+    /// trainer selected it.
+    fn layer_factors(&self, w: &[usize], weight: &Tensor) -> Result<Vec<Factor>> {
+        let path = self.vb.prefix();
+        let mut f = check_factors(self.factors(), &path, w)?;
+        if let Some(t) = &self.train {
+            if let Some(new) = t.factor(&path, w, weight.dtype(), weight.device())? {
+                f.extend(check_factors(vec![new], &path, w)?);
+            }
+        }
+        Ok(f)
     }
 
     pub fn dtype(&self) -> DType {
@@ -163,10 +388,12 @@ impl<'a> Builder<'a> {
         } else {
             None
         };
+        let (weight, bias) = self.trainable(weight, bias)?;
+        let factors = self.layer_factors(&[d_out, d_in], &weight)?;
         Ok(Linear {
             weight,
             bias,
-            factors: check_factors(self.factors(), &self.vb.prefix(), &[d_out, d_in])?,
+            factors,
         })
     }
 
@@ -181,16 +408,15 @@ impl<'a> Builder<'a> {
     ) -> Result<Conv2d> {
         let weight = self.vb.get((c_out, c_in, kernel, kernel), "weight")?;
         let bias = self.vb.get(c_out, "bias")?;
+        let (weight, bias) = self.trainable(weight, Some(bias))?;
+        let bias = bias.expect("conv bias");
+        let factors = self.layer_factors(&[c_out, c_in, kernel, kernel], &weight)?;
         Ok(Conv2d {
             weight,
             bias,
             stride,
             pad,
-            factors: check_factors(
-                self.factors(),
-                &self.vb.prefix(),
-                &[c_out, c_in, kernel, kernel],
-            )?,
+            factors,
         })
     }
 
@@ -350,9 +576,22 @@ pub struct Linear {
     pub factors: Vec<Factor>,
 }
 
+/// `x·Wᵀ`; when only `x` is tracked, the weight's gradient is skipped.
+fn linear_core(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if x.track_op() && !w.track_op() && skip_frozen_weight_grads() {
+        let y = matmul_t(&x.detach(), w)?;
+        let (w, dims) = (w.clone(), x.dims().to_vec());
+        return with_input_grad(x, y, move |g| {
+            let o = w.dim(0)?;
+            g.reshape(((), o))?.matmul(&w)?.reshape(dims.clone())
+        });
+    }
+    matmul_t(x, w)
+}
+
 impl Linear {
     pub fn forward(&self, x: &Tensor, rows: &Rows) -> Result<Tensor> {
-        let mut y = matmul_t(x, &self.weight)?;
+        let mut y = linear_core(x, &self.weight)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
@@ -382,40 +621,87 @@ pub struct Conv2d {
     pub factors: Vec<Factor>,
 }
 
+/// The convolution itself, fastest form first: 1×1 as a channel matmul,
+/// 3×3 stride-1 as the fused CPU kernel when nothing is tracked, else
+/// candle's conv2d.
+fn conv_core(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<Tensor> {
+    let (kh, kw) = (w.dim(2)?, w.dim(3)?);
+    if x.track_op() && !w.track_op() && skip_frozen_weight_grads() {
+        let y = conv_core(&x.detach(), w, stride, pad)?;
+        let (w, xd) = (w.clone(), x.dims().to_vec());
+        return with_input_grad(x, y, move |g| conv_input_grad(g, &w, &xd, stride, pad));
+    }
+    if kh == 1 && kw == 1 && stride == 1 && pad == 0 {
+        // A 1×1 convolution is a matmul over channels; candle's im2col
+        // path costs a copy for nothing here.
+        let (b, c, h, wd) = x.dims4()?;
+        let o = w.dim(0)?;
+        let w2 = w.reshape((o, c))?;
+        let y = w2.broadcast_matmul(&x.reshape((b, c, h * wd))?)?;
+        y.reshape((b, o, h, wd))
+    } else if kh == 3
+        && kw == 3
+        && stride == 1
+        && pad == 1
+        && x.device().is_cpu()
+        && x.dtype() == DType::F32
+        && !x.track_op()
+        && !w.track_op()
+    {
+        x.contiguous()?
+            .apply_op2_no_bwd(&w.contiguous()?, &super::kernels::Conv3x3)
+    } else {
+        x.conv2d(w, pad, stride, 1, 1)
+    }
+}
+
+/// ∂L/∂x of a convolution with a frozen kernel. Stride 1 with "same"
+/// padding is itself a convolution with the kernel transposed and flipped
+/// (so the fast kernels run); strided ones use candle's transposed conv.
+fn conv_input_grad(
+    g: &Tensor,
+    w: &Tensor,
+    x_dims: &[usize],
+    stride: usize,
+    pad: usize,
+) -> Result<Tensor> {
+    let (kh, kw) = (w.dim(2)?, w.dim(3)?);
+    if stride == 1 && kh == kw && 2 * pad + 1 == kh {
+        // Flipping both spatial axes reverses the flattened kh·kw taps.
+        let (o, c) = (w.dim(0)?, w.dim(1)?);
+        let taps = kh * kw;
+        let rev: Vec<u32> = (0..taps as u32).rev().collect();
+        let rev = Tensor::new(rev.as_slice(), w.device())?;
+        let wt = w
+            .reshape((o, c, taps))?
+            .contiguous()?
+            .index_select(&rev, 2)?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((c, o, kh, kw))?;
+        return conv_core(g, &wt, 1, pad);
+    }
+    let (gh, gw) = (g.dim(2)?, g.dim(3)?);
+    let full = |gd: usize, k: usize| (gd - 1) * stride + k - 2 * pad;
+    let (oh, ow) = (x_dims[2] - full(gh, kh), x_dims[3] - full(gw, kw));
+    if oh != ow {
+        candle_core::bail!(
+            "the backward of a strided convolution needs equal output paddings, got {oh} and {ow} (input {x_dims:?})"
+        );
+    }
+    g.conv_transpose2d(w, pad, oh, stride, 1)
+}
+
 impl Conv2d {
     pub fn forward(&self, x: &Tensor, rows: &Rows) -> Result<Tensor> {
-        let conv = |x: &Tensor, w: &Tensor, stride, pad| {
-            if w.dim(2)? == 1 && w.dim(3)? == 1 && stride == 1 && pad == 0 {
-                // A 1×1 convolution is a matmul over channels; candle's
-                // im2col path costs a copy for nothing here.
-                let (b, c, h, wd) = x.dims4()?;
-                let o = w.dim(0)?;
-                let w2 = w.reshape((o, c))?;
-                let y = w2.broadcast_matmul(&x.reshape((b, c, h * wd))?)?;
-                y.reshape((b, o, h, wd))
-            } else if w.dim(2)? == 3
-                && w.dim(3)? == 3
-                && stride == 1
-                && pad == 1
-                && x.device().is_cpu()
-                && x.dtype() == DType::F32
-                && !x.track_op()
-                && !w.track_op()
-            {
-                x.contiguous()?
-                    .apply_op2_no_bwd(&w.contiguous()?, &super::kernels::Conv3x3)
-            } else {
-                x.conv2d(w, pad, stride, 1, 1)
-            }
-        };
-        let y = conv(x, &self.weight, self.stride, self.pad)?;
+        let y = conv_core(x, &self.weight, self.stride, self.pad)?;
         let y = y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?;
         let extra = adapter_sum(
             x,
             &self.factors,
             rows,
-            |f, x| conv(x, &f.down, self.stride, self.pad),
-            |f, h| conv(h, &f.up, 1, 0),
+            |f, x| conv_core(x, &f.down, self.stride, self.pad),
+            |f, h| conv_core(h, &f.up, 1, 0),
         )?;
         match extra {
             Some(e) => y + e,
@@ -470,75 +756,94 @@ pub struct LayerNorm {
 
 impl LayerNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if !x.track_op() && !self.inner.weight().track_op() {
-            return self.inner.forward(x);
+        let w = self.inner.weight();
+        let b = self.inner.bias();
+        let fused = |x: &Tensor| self.inner.forward(x);
+        if !x.track_op() && !w.track_op() {
+            return fused(x);
+        }
+        if !w.track_op() && !b.is_some_and(|b| b.track_op()) {
+            // The fused forward (so a tracked call computes exactly what an
+            // untracked one does: SPM's "membrane on at init" equals "off"
+            // bitwise) with the input gradient only:
+            // dx = (ĝ − mean(ĝ) − x̂·mean(ĝ·x̂))/σ, ĝ = g·w.
+            let y = fused(&x.detach())?;
+            let (xd, w, eps) = (x.detach(), w.clone(), self.eps);
+            return with_input_grad(x, y, move |g| {
+                let mean = xd.mean_keepdim(D::Minus1)?;
+                let xc = xd.broadcast_sub(&mean)?;
+                let sigma = (xc.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?;
+                let xh = xc.broadcast_div(&sigma)?;
+                let gh = g.broadcast_mul(&w)?;
+                let a = gh.mean_keepdim(D::Minus1)?;
+                let c = (&gh * &xh)?.mean_keepdim(D::Minus1)?;
+                gh.broadcast_sub(&a)?
+                    .sub(&xh.broadcast_mul(&c)?)?
+                    .broadcast_div(&sigma)
+            });
         }
         let mean = x.mean_keepdim(D::Minus1)?;
         let xc = x.broadcast_sub(&mean)?;
         let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
         let y = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        let y = y.broadcast_mul(self.inner.weight())?;
-        match self.inner.bias() {
+        let y = y.broadcast_mul(w)?;
+        match b {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
         }
     }
 }
 
-/// Softmax over the last dimension, differentiable when a graph is recorded.
-pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    if x.track_op() {
-        candle_nn::ops::softmax(x, D::Minus1)
-    } else {
-        candle_nn::ops::softmax_last_dim(x)
-    }
-}
-
 /// Scaled dot-product attention of `[B·H, N, d]` queries against `[B·H, M, d]`
-/// keys/values, in query chunks so the score matrix never exceeds
-/// `CHUNK_ELEMS` values (a 64×64 latent's self-attention would otherwise
-/// hold B·H·4096² floats at once: 1 GiB at batch 2 in SD1.5). Scores are
-/// computed in f32 (what `upcast_attention` asks for, and harmless in f32).
-/// On the CPU, when no graph is recorded, the fused kernel of
-/// [`super::kernels`] does the same without ever holding the scores.
+/// keys/values. Scores are computed in f32 (what `upcast_attention` asks
+/// for), f64 kept as f64. On the CPU in f32 the fused kernel of
+/// [`super::kernels`] never holds the scores; elsewhere they are formed in
+/// query chunks of at most [`super::autograd::CHUNK_ELEMS`] values (a 64×64
+/// latent's self-attention would otherwise hold B·H·4096² floats at once).
+/// When a graph is recorded, the value is attached with a backward that
+/// recomputes the probabilities chunk by chunk, so training never keeps an
+/// `N×N` map either.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    const CHUNK_ELEMS: usize = 1 << 24;
-    let (bh, n, _) = q.dims3()?;
-    let m = k.dim(1)?;
-    let dtype = q.dtype();
     let recording = q.track_op() || k.track_op() || v.track_op();
-    if !recording && q.device().is_cpu() {
+    let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
+    let value = if q.device().is_cpu() && q.dtype() != DType::F64 {
         let op = super::kernels::FusedAttention {
             scale: scale as f32,
         };
         let f = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
-        return f(q)?.apply_op3_no_bwd(&f(k)?, &f(v)?, &op)?.to_dtype(dtype);
-    }
-    // Scores in f32 for f16/bf16 (upcast_attention), f64 kept as f64.
-    let cdt = if dtype == DType::F64 {
-        DType::F64
+        f(&qd)?
+            .apply_op3_no_bwd(&f(&kd)?, &f(&vd)?, &op)?
+            .to_dtype(q.dtype())?
     } else {
-        DType::F32
+        super::autograd::attention_chunked(&qd, &kd, &vd, scale)?
     };
-    let kt = k.to_dtype(cdt)?.t()?.contiguous()?;
-    let v32 = v.to_dtype(cdt)?;
-    let step = (CHUNK_ELEMS / (bh * m).max(1)).clamp(1, n);
-    let mut parts = Vec::with_capacity(n.div_ceil(step));
-    let mut start = 0;
-    while start < n {
-        let len = step.min(n - start);
-        let qc = q.narrow(1, start, len)?.to_dtype(cdt)?;
-        let s = (qc.matmul(&kt)? * scale)?;
-        let p = softmax_last(&s)?;
-        parts.push(p.matmul(&v32)?);
-        start += len;
+    if !recording {
+        return Ok(value);
     }
-    let out = if parts.len() == 1 {
-        parts.pop().expect("one part")
-    } else {
-        Tensor::cat(&parts, 1)?
-    };
-    out.to_dtype(dtype)
+    super::autograd::attention_tracked(q, k, v, value, scale)
+}
+
+/// Attention that also hands Forget-Me-Not's probe `Σ p²` over the masked
+/// key columns. The probabilities stay in the graph (cross-attention maps
+/// are `N×77`), through the differentiable composite softmax.
+pub fn attention_probed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    probe: &AttnProbe,
+) -> Result<Tensor> {
+    let (bh, n, _) = q.dims3()?;
+    let m = k.dim(1)?;
+    let b = probe.mask.dim(0)?;
+    let dtype = q.dtype();
+    let cdt = super::autograd::compute_dtype(dtype);
+    let s = (q.to_dtype(cdt)?.matmul(&k.to_dtype(cdt)?.t()?)? * scale)?;
+    let p = candle_nn::ops::softmax(&s, D::Minus1)?;
+    let mask = probe.mask.to_dtype(cdt)?.reshape((b, 1, 1, m))?;
+    let sel = p.reshape((b, bh / b, n, m))?.broadcast_mul(&mask)?;
+    probe.push(sel.sqr()?.sum_all()?);
+    p.matmul(&v.to_dtype(cdt)?)?.to_dtype(dtype)
 }
 
 /// A candle error as one line for users: the message without the

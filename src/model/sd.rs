@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use super::clip::{self, ClipTextModel, LoadOptions};
 use super::load::{self, Store};
-use super::nn::{AdapterSet, Builder, Factor, Rows};
+use super::nn::{AdapterSet, Builder, Factor, Rows, Trainables};
 use super::scheduler::SchedulerConfig;
 use super::unet::{UNet, UNetConfig};
 use super::vae::{Vae, VaeConfig};
@@ -38,6 +38,9 @@ pub struct LoadSpec {
     pub vae_encoder: bool,
     /// `epsilon` or `v_prediction`, overriding the model's own.
     pub prediction_type: Option<String>,
+    /// What a trainer makes trainable. The UNet built with them is
+    /// [`StableDiffusion::trained`]; `unet` stays the frozen base.
+    pub train: Option<Arc<Trainables>>,
 }
 
 /// What was loaded, for reports and infotext.
@@ -58,6 +61,8 @@ pub struct ModelInfo {
 /// A loaded model.
 pub struct StableDiffusion {
     pub unet: UNet,
+    /// The UNet with [`LoadSpec::train`]'s variables, when asked for.
+    pub trained: Option<UNet>,
     pub vae: Vae,
     pub text: Arc<ClipTextModel>,
     pub tokenizer: Arc<ClipTokenizer>,
@@ -185,7 +190,7 @@ impl StableDiffusion {
         let unet_cfg: UNetConfig = load::read_config(&unet_dir.join("config.json"))?;
         let unet_files = load::component_files(&unet_dir, "diffusion_pytorch_model")?;
         let store = Store::from_files(&unet_files, |k| Some(k.to_string()))?;
-        let unet = build_unet(store, unet_cfg, spec, adapters, &unet_dir)?;
+        let (unet, trained) = build_unet(store, unet_cfg, spec, adapters, &unet_dir)?;
 
         let vae_dir = root.join("vae");
         let vae_cfg: VaeConfig = load::read_config(&vae_dir.join("config.json"))?;
@@ -216,6 +221,7 @@ impl StableDiffusion {
         crate::transport::check_vocab(&text, &tokenizer, pad_id, root)?;
         Ok(StableDiffusion {
             unet,
+            trained,
             vae,
             text: Arc::new(text),
             tokenizer: Arc::new(tokenizer),
@@ -295,7 +301,7 @@ impl StableDiffusion {
             .collect();
         let rename = load::ldm_unet_renamer(load::ldm_unet_prefixes(&layers, &down, &up));
         let has_v_key = raw.contains("v_pred");
-        let unet = build_unet(all.store(rename), unet_cfg, spec, adapters, path)?;
+        let (unet, trained) = build_unet(all.store(rename), unet_cfg, spec, adapters, path)?;
 
         let vae_cfg: VaeConfig = match cfg_dir {
             Some(d) => load::read_config(&d.join("vae/config.json"))?,
@@ -372,6 +378,7 @@ impl StableDiffusion {
         crate::transport::check_vocab(&text, &tokenizer, pad_id, path)?;
         Ok(StableDiffusion {
             unet,
+            trained,
             vae,
             text: Arc::new(text),
             tokenizer: Arc::new(tokenizer),
@@ -429,12 +436,27 @@ fn build_unet(
     spec: &LoadSpec,
     adapters: Arc<AdapterSet>,
     origin: &Path,
-) -> Result<UNet> {
+) -> Result<(UNet, Option<UNet>)> {
     if store.is_empty() {
         return Err(Error::file(origin, "no UNet weights found"));
     }
+    // Full weights need a second UNet (the frozen base keeps the original
+    // values); LoRA factors alone live in the one UNet, off by `Rows`.
+    let trained = match &spec.train {
+        Some(t) if t.has_full() => {
+            let vb = store.clone().var_builder(spec.dtype, &spec.device);
+            let b = Builder::new(vb, Arc::new(AdapterSet::default())).with_trainables(t.clone());
+            Some(UNet::new(b, cfg.clone()).map_err(map_candle(origin, "UNet"))?)
+        }
+        _ => None,
+    };
     let vb = store.var_builder(spec.dtype, &spec.device);
-    UNet::new(Builder::new(vb, adapters), cfg).map_err(map_candle(origin, "UNet"))
+    let mut b = Builder::new(vb, adapters);
+    if let Some(t) = spec.train.as_ref().filter(|t| !t.has_full()) {
+        b = b.with_trainables(t.clone());
+    }
+    let unet = UNet::new(b, cfg).map_err(map_candle(origin, "UNet"))?;
+    Ok((unet, trained))
 }
 
 fn build_vae(store: Store, cfg: VaeConfig, spec: &LoadSpec, origin: &Path) -> Result<Vae> {

@@ -14,7 +14,7 @@
 use candle_core::{DType, Result, Tensor, D};
 use serde::Deserialize;
 
-use super::nn::{attention, Builder, Conv2d, GroupNorm, LayerNorm, Linear, Rows};
+use super::nn::{attention, attention_probed, Builder, Conv2d, GroupNorm, LayerNorm, Linear, Rows};
 
 /// An int or a per-block list, as diffusers configs write several fields.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -344,6 +344,7 @@ impl CrossAttention {
     }
 
     fn forward(&self, x: &Tensor, ctx: Option<&Tensor>, rows: &Rows) -> Result<Tensor> {
+        let cross = ctx.is_some();
         let ctx = ctx.unwrap_or(x);
         let (b, n, dim) = x.dims3()?;
         let m = ctx.dim(1)?;
@@ -356,12 +357,11 @@ impl CrossAttention {
         let q = split(self.to_q.forward(x, rows)?, n)?;
         let k = split(self.to_k.forward(ctx, rows)?, m)?;
         let v = split(self.to_v.forward(ctx, rows)?, m)?;
-        let o = attention(
-            &q.contiguous()?,
-            &k.contiguous()?,
-            &v.contiguous()?,
-            self.scale,
-        )?;
+        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+        let o = match (&rows.probe, cross) {
+            (Some(p), true) => attention_probed(&q, &k, &v, self.scale, p)?,
+            _ => attention(&q, &k, &v, self.scale)?,
+        };
         let o = o
             .reshape((b, self.heads, n, hd))?
             .transpose(1, 2)?

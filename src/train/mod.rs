@@ -1,0 +1,259 @@
+//! `spm train`: erasers trained in process, three methods from the
+//! literature on one loop.
+//!
+//! A method file ([`spm`], [`esd`], [`fmn`]) holds only what differs — its
+//! trainable set, its random draws and its loss; the loop, the optimiser,
+//! the LR schedule, checkpoints and the output files live here once
+//! ([`optim`], [`schedule`], [`checkpoint`], [`output`]). Every method
+//! splits a step into `draw` (all randomness, from one seeded generator
+//! per step, so a resumed run repeats the draws it would have made) and
+//! `loss` (deterministic given the draws), which is what lets the tests
+//! inject the draws of a torch reference and compare every term.
+//!
+//! The networks are `model::`'s, the same code `spm generate` runs: the
+//! trained factors or weights are [`Var`](candle_core::Var)s inside the
+//! UNet ([`crate::model::nn::Trainables`]), frozen layers pass gradients to
+//! their inputs only, attention recomputes its maps in the backward pass
+//! ([`crate::model::autograd`]).
+
+pub mod checkpoint;
+pub mod config;
+pub mod esd;
+pub mod fmn;
+pub mod optim;
+pub mod output;
+pub mod run;
+pub mod schedule;
+pub mod spm;
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Result, Tensor};
+
+use crate::model::nn::{AttnProbe, Mix, Rows};
+use crate::model::noise::TorchRng;
+use crate::model::scheduler::Scheduler;
+use crate::model::unet::UNet;
+
+/// `spm train --method`.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    /// SPM with Latent Anchoring (Con6924/SPM `train_spm.py`).
+    #[value(name = "spm")]
+    Spm,
+    /// ESD-x: cross-attention (`attn2`) layers (`esd_sd.py`).
+    #[value(name = "esd-x")]
+    EsdX,
+    /// ESD-u: every Linear/Conv2d outside cross-attention.
+    #[value(name = "esd-u")]
+    EsdU,
+    /// ESD on every Linear/Conv2d of the UNet.
+    #[value(name = "esd-all")]
+    EsdAll,
+    /// ESD on the cross-attention key and value projections only.
+    #[value(name = "esd-x-strict")]
+    EsdXStrict,
+    /// Forget-Me-Not attention re-steering (SHI-Labs `train_attn.py`).
+    #[value(name = "fmn")]
+    Fmn,
+}
+
+impl Method {
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Spm => "spm",
+            Method::EsdX => "esd-x",
+            Method::EsdU => "esd-u",
+            Method::EsdAll => "esd-all",
+            Method::EsdXStrict => "esd-x-strict",
+            Method::Fmn => "fmn",
+        }
+    }
+
+    /// The layers the method trains, by dotted diffusers module path
+    /// (trainer-methods.md §1.2 table C, §2.5, spm-reference §1.2).
+    pub fn selects(self, path: &str) -> bool {
+        match self {
+            // Every Linear/Conv2d inside a Transformer2DModel.
+            Method::Spm => path.contains(".attentions."),
+            Method::EsdX | Method::Fmn => path.contains("attn2"),
+            Method::EsdU => !path.contains("attn2"),
+            Method::EsdAll => true,
+            Method::EsdXStrict => path.contains("attn2.to_k") || path.contains("attn2.to_v"),
+        }
+    }
+}
+
+/// The UNets one step calls: the frozen base and the trained one (the same
+/// network when the trained part is a LoRA, switched by [`Rows`]).
+pub struct Net<'a> {
+    pub base: &'a UNet,
+    pub trained: &'a UNet,
+    /// The trained part is a factor set (on/off by rows), not full weights.
+    pub lora: bool,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+impl<'a> Net<'a> {
+    fn rows(&self, on: bool, b: usize) -> Result<Rows> {
+        if on && self.lora {
+            Rows::new(Mix::Delta, &[vec![1.0; b]], &self.device)
+        } else {
+            Ok(Rows::none())
+        }
+    }
+
+    fn unet(&self, on: bool) -> &UNet {
+        if on {
+            self.trained
+        } else {
+            self.base
+        }
+    }
+
+    fn timesteps(&self, t: f64, b: usize) -> Result<Tensor> {
+        Tensor::from_vec(vec![t as f32; b], b, &self.device)
+    }
+
+    /// ε(x, t, ctx) with the trained part on or off; `ctx` rows pair with
+    /// `x` rows. An "off" prediction is detached (no graph kept).
+    pub fn eps(&self, on: bool, x: &Tensor, t: f64, ctx: &Tensor) -> Result<Tensor> {
+        let b = x.dim(0)?;
+        let out = self
+            .unet(on)
+            .forward(x, &self.timesteps(t, b)?, ctx, &self.rows(on, b)?)?;
+        Ok(if on { out } else { out.detach() })
+    }
+
+    /// The trained network with Forget-Me-Not's probe on its `attn2` maps.
+    pub fn eps_probed(
+        &self,
+        x: &Tensor,
+        t: f64,
+        ctx: &Tensor,
+        probe: std::sync::Arc<AttnProbe>,
+    ) -> Result<Tensor> {
+        let b = x.dim(0)?;
+        let rows = self.rows(true, b)?.with_probe(probe);
+        self.trained.forward(x, &self.timesteps(t, b)?, ctx, &rows)
+    }
+
+    /// Classifier-free guidance as the references batch it: `[x, x]` with
+    /// `[uncond, cond]`, then `u + g·(c − u)`. Detached: trajectories are
+    /// sampled without gradients in every reference.
+    pub fn guided(
+        &self,
+        on: bool,
+        x: &Tensor,
+        t: f64,
+        uncond: &Tensor,
+        cond: &Tensor,
+        g: f64,
+    ) -> Result<Tensor> {
+        let b = x.dim(0)?;
+        let xx = Tensor::cat(&[x, x], 0)?;
+        let ctx = Tensor::cat(&[uncond, cond], 0)?;
+        let out = self
+            .unet(on)
+            .forward(
+                &xx,
+                &self.timesteps(t, 2 * b)?,
+                &ctx,
+                &self.rows(on, 2 * b)?,
+            )?
+            .detach();
+        let u = out.narrow(0, 0, b)?;
+        let c = out.narrow(0, b, b)?;
+        &u + ((c - &u)? * g)?
+    }
+
+    /// Run `sched` over its first `steps` timesteps from `x` with CFG `g`
+    /// (the trajectories of SPM, ESD and the data-free FMN images).
+    pub fn denoise(
+        &self,
+        on: bool,
+        sched: &mut dyn Scheduler,
+        x: Tensor,
+        uncond: &Tensor,
+        cond: &Tensor,
+        g: f64,
+        steps: usize,
+        mut each: impl FnMut(usize, &Tensor),
+    ) -> Result<Tensor> {
+        let shape = x.dims().to_vec();
+        let mut x = x;
+        let mut rng = TorchRng::manual_seed(0);
+        let ts: Vec<f64> = sched.timesteps().to_vec();
+        for (i, &t) in ts.iter().enumerate().take(steps) {
+            let cur = flat(&x)?;
+            let xin = Tensor::from_vec(
+                sched.scale_model_input(&cur, i),
+                shape.clone(),
+                &self.device,
+            )?
+            .to_dtype(self.dtype)?;
+            let e = self.guided(on, &xin, t, uncond, cond, g)?;
+            let next = sched.step(&flat(&e)?, i, &cur, &mut rng);
+            x = Tensor::from_vec(next, shape.clone(), &self.device)?.to_dtype(self.dtype)?;
+            each(i, &x);
+        }
+        Ok(x)
+    }
+}
+
+/// A tensor's values as f32 (schedulers work on flat f32 latents).
+pub fn flat(t: &Tensor) -> Result<Vec<f32>> {
+    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
+}
+
+/// `torch.nn.MSELoss()`: the mean over every element.
+pub fn mse(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    (a - b)?.sqr()?.mean_all()
+}
+
+/// One step's loss, its named terms, and (for tests) the intermediates.
+pub struct Terms {
+    pub total: Tensor,
+    pub parts: Vec<(&'static str, f64)>,
+    pub trace: BTreeMap<String, Tensor>,
+}
+
+impl Terms {
+    pub fn value(&self) -> Result<f64> {
+        self.total.to_dtype(DType::F64)?.to_scalar::<f64>()
+    }
+}
+
+/// What the loop needs from a method.
+pub trait Step {
+    type Draws;
+    /// Every random choice of one step.
+    fn draw(&self, rng: &mut TorchRng) -> crate::error::Result<Self::Draws>;
+    /// The loss for those draws.
+    fn loss(&self, net: &Net, d: &Self::Draws) -> Result<Terms>;
+}
+
+/// `lo + ⌊u·(hi − lo)⌋`: an integer in `[lo, hi)`.
+pub fn randint(rng: &mut TorchRng, lo: usize, hi: usize) -> usize {
+    let u = rng.rand(1)[0] as f64;
+    (lo + (u * (hi - lo) as f64) as usize).min(hi - 1)
+}
+
+/// A `[n…]` tensor of standard normal draws on `dev` in `dtype`.
+pub fn randn(rng: &mut TorchRng, shape: &[usize], dev: &Device, dtype: DType) -> Result<Tensor> {
+    let n = shape.iter().product();
+    Tensor::from_vec(rng.randn(n), shape.to_vec(), dev)?.to_dtype(dtype)
+}
+
+/// The generator for step `step` of a run seeded `seed` (torch seeds from
+/// the low 32 bits, so the two are mixed there).
+pub fn step_rng(seed: u64, step: usize) -> TorchRng {
+    let mut z = seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    TorchRng::manual_seed((z ^ (z >> 31)) & 0xFFFF_FFFF)
+}

@@ -1,0 +1,368 @@
+//! SPM with Latent Anchoring, as Con6924/SPM's `train_spm.py` trains it
+//! (spm-reference.md §4, trainer-methods.md §3).
+//!
+//! One step: a DDIM(30) trajectory with the membrane **on** and CFG 3 to a
+//! random k; the query timestep `999 − ⌊1000k/30⌋` (≈40 steps off the
+//! latent's level, inherited from LECO, kept); frozen positive and
+//! neutral predictions; the ESD-style target `e_neu − η(e_pos − e_neu)`;
+//! and Latent Anchoring: random text-space anchors whose predictions must
+//! not move. The reference batches the anchors interleaved with the empty
+//! prompt and then keeps only the second half of that batch (its CFG
+//! helper splits it in two), so only half the anchors and as many empty
+//! prompts are anchored: that is [`Anchors::Half`], the default;
+//! [`Anchors::All`] anchors every one.
+
+use candle_core::{DType, Device, Result, Tensor};
+
+use super::{mse, randint, randn, Net, Step, Terms};
+use crate::model::noise::TorchRng;
+use crate::model::scheduler::{self, Sampler, SchedulerConfig};
+
+/// One entry of the reference's `prompt.yaml`.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Setting {
+    pub target: String,
+    #[serde(default)]
+    pub positive: Option<String>,
+    #[serde(default)]
+    pub unconditional: Option<String>,
+    #[serde(default)]
+    pub neutral: Option<String>,
+    #[serde(default = "erase_with_la")]
+    pub action: Action,
+    #[serde(default = "one", deserialize_with = "super::config::de_num")]
+    pub guidance_scale: f64,
+    #[serde(default = "res512")]
+    pub resolution: usize,
+    #[serde(default)]
+    pub dynamic_resolution: bool,
+    #[serde(default = "one_usize")]
+    pub batch_size: usize,
+    #[serde(default)]
+    pub dynamic_crops: bool,
+    #[serde(default)]
+    pub use_template: bool,
+    #[serde(default = "thousand", deserialize_with = "super::config::de_num")]
+    pub la_strength: f64,
+    #[serde(default = "four")]
+    pub sampling_batch_size: usize,
+    #[serde(default)]
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub case_number: usize,
+}
+
+fn erase_with_la() -> Action {
+    // The reference's own default is `erase`; every shipped config and the
+    // demo notebook use `erase_with_la`, which is what `--concept` means.
+    Action::EraseWithLa
+}
+fn one() -> f64 {
+    1.0
+}
+fn one_usize() -> usize {
+    1
+}
+fn res512() -> usize {
+    512
+}
+fn thousand() -> f64 {
+    1000.0
+}
+fn four() -> usize {
+    4
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    Erase,
+    EraseWithLa,
+}
+
+impl Setting {
+    /// The common case: erase `concept`, map it to `surrogate`.
+    pub fn new(concept: &str, surrogate: &str) -> Setting {
+        Setting {
+            target: concept.into(),
+            positive: None,
+            unconditional: None,
+            neutral: Some(surrogate.into()),
+            action: Action::EraseWithLa,
+            guidance_scale: 1.0,
+            resolution: 512,
+            dynamic_resolution: true,
+            batch_size: 1,
+            dynamic_crops: false,
+            use_template: false,
+            la_strength: 1000.0,
+            sampling_batch_size: 4,
+            seed: None,
+            case_number: 0,
+        }
+    }
+
+    pub fn positive(&self) -> &str {
+        self.positive.as_deref().unwrap_or(&self.target)
+    }
+
+    pub fn unconditional(&self) -> &str {
+        self.unconditional.as_deref().unwrap_or("")
+    }
+
+    /// The reference: `neutral` defaults to `unconditional`.
+    pub fn neutral(&self) -> &str {
+        self.neutral.as_deref().unwrap_or(self.unconditional())
+    }
+
+    pub fn check(&self) -> std::result::Result<(), String> {
+        if self.target.trim().is_empty() {
+            return Err("target: the concept to erase is empty".into());
+        }
+        if self.batch_size == 0 || self.sampling_batch_size == 0 {
+            return Err("batch_size and sampling_batch_size must be at least 1".into());
+        }
+        if !self.sampling_batch_size.is_multiple_of(self.batch_size) {
+            return Err(format!(
+                "sampling_batch_size {} must be a multiple of batch_size {} (as the reference asks)",
+                self.sampling_batch_size, self.batch_size
+            ));
+        }
+        if !self.resolution.is_multiple_of(8) || self.resolution == 0 {
+            return Err(format!(
+                "resolution {} is not a positive multiple of 8",
+                self.resolution
+            ));
+        }
+        if !self.guidance_scale.is_finite() || !self.la_strength.is_finite() {
+            return Err("guidance_scale and la_strength must be finite numbers".into());
+        }
+        Ok(())
+    }
+}
+
+/// Which anchors the anchoring loss sees (see the module doc).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Anchors {
+    /// The reference's quirk: the second half of `[u, a1, u, a2, …]`.
+    Half,
+    /// Every anchor, no empty prompts.
+    All,
+}
+
+/// A setting's text embeddings `[1, 77, D]`.
+pub struct Embeds {
+    pub target: Tensor,
+    pub positive: Tensor,
+    pub neutral: Tensor,
+    pub uncond: Tensor,
+}
+
+/// Every random choice of one SPM step.
+pub struct Draws {
+    pub pair: usize,
+    pub k: usize,
+    /// `[B, 4, h, w]`.
+    pub z: Tensor,
+    /// `[S, 1, 77, D]` raw normal draws and their scales in `[0.8, 1.2)`.
+    pub anchor_noise: Tensor,
+    pub anchor_scale: Vec<f64>,
+}
+
+pub struct Spm {
+    pub settings: Vec<Setting>,
+    pub embeds: Vec<Embeds>,
+    pub anchors: Anchors,
+    /// `max_denoising_steps` (30).
+    pub steps: usize,
+    /// The fresh DDIM the reference builds (`create_noise_scheduler`).
+    pub sched: SchedulerConfig,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+/// The reference's training scheduler: diffusers `DDIMScheduler` with SD's
+/// betas, `clip_sample=False` and the class defaults otherwise
+/// (`steps_offset` 0, `set_alpha_to_one` true, leading spacing).
+pub fn reference_ddim(prediction_type: &str) -> crate::error::Result<SchedulerConfig> {
+    SchedulerConfig::from_json(&format!(
+        r#"{{"_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+            "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "clip_sample": false,
+            "prediction_type": "{prediction_type}"}}"#
+    ))
+}
+
+impl Spm {
+    /// `t = timesteps_1000[⌊k·1000/N⌋] = 999 − ⌊1000k/N⌋`.
+    pub fn query_timestep(&self, k: usize) -> f64 {
+        (999 - (k * 1000) / self.steps) as f64
+    }
+
+    /// The latent after `k` DDIM steps with the membrane on, CFG 3
+    /// (`each` sees every intermediate latent).
+    pub fn trajectory(
+        &self,
+        net: &Net,
+        d: &Draws,
+        each: impl FnMut(usize, &Tensor),
+    ) -> Result<Tensor> {
+        let s = &self.settings[d.pair];
+        let e = &self.embeds[d.pair];
+        let b = d.z.dim(0)?;
+        let mut sched = scheduler::build(Some(Sampler::Ddim), &self.sched, self.steps)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let x = (&d.z * sched.init_noise_sigma())?;
+        let rep = |t: &Tensor| t.repeat((b, 1, 1));
+        let _ = s;
+        net.denoise(
+            true,
+            sched.as_mut(),
+            x,
+            &rep(&e.uncond)?,
+            &rep(&e.target)?,
+            3.0,
+            d.k,
+            each,
+        )
+    }
+
+    /// The loss at latent `x` (the trajectory's end) for the draws `d`.
+    pub fn loss_at(&self, net: &Net, d: &Draws, x: &Tensor) -> Result<Terms> {
+        let s = &self.settings[d.pair];
+        let e = &self.embeds[d.pair];
+        let b = x.dim(0)?;
+        let t = self.query_timestep(d.k);
+        let rep = |t: &Tensor, n: usize| t.repeat((n, 1, 1));
+        let e_pos = net.eps(false, x, t, &rep(&e.positive, b)?)?;
+        let e_neu = net.eps(false, x, t, &rep(&e.neutral, b)?)?;
+        let e_tar = net.eps(true, x, t, &rep(&e.target, b)?)?;
+        let goal = (&e_neu - ((&e_pos - &e_neu)? * s.guidance_scale)?)?;
+        let l_erase = mse(&e_tar, &goal)?;
+        let mut trace = std::collections::BTreeMap::new();
+        let mut parts = vec![("erase", l_erase.to_dtype(DType::F64)?.to_scalar::<f64>()?)];
+        let mut total = l_erase;
+        if s.action == Action::EraseWithLa {
+            let anchors = self.anchors(d, &e.target)?;
+            let sn = anchors.dim(0)?;
+            // The anchor batch, `[u, a1, u, a2, …]` halved, or the anchors.
+            let batch = match self.anchors {
+                Anchors::Half => {
+                    let mut list = Vec::with_capacity(2 * sn);
+                    for i in 0..sn {
+                        list.push(e.uncond.clone());
+                        list.push(anchors.get(i)?);
+                    }
+                    Tensor::cat(&list[sn..], 0)?
+                }
+                Anchors::All => anchors.squeeze(1)?,
+            };
+            let n = batch.dim(0)?;
+            let xs = x.repeat((n / b, 1, 1, 1))?;
+            let a_on = net.eps(true, &xs, t, &batch)?;
+            let a_off = net.eps(false, &xs, t, &batch)?;
+            let l_anchor = mse(&a_on, &a_off)?;
+            parts.push(("anchor", l_anchor.to_dtype(DType::F64)?.to_scalar::<f64>()?));
+            total = (total + (l_anchor * s.la_strength)?)?;
+            trace.insert("anchors".into(), anchors);
+            trace.insert("a_on".into(), a_on.detach());
+            trace.insert("a_off".into(), a_off);
+        }
+        trace.insert("e_pos".into(), e_pos);
+        trace.insert("e_neu".into(), e_neu);
+        trace.insert("e_tar".into(), e_tar.detach());
+        Ok(Terms {
+            total,
+            parts,
+            trace,
+        })
+    }
+
+    /// `aᵢ = sᵢ·nᵢ/‖nᵢ‖·‖target‖` (`sampling.py`).
+    pub fn anchors(&self, d: &Draws, target: &Tensor) -> Result<Tensor> {
+        let norm = |t: &Tensor| -> Result<f64> {
+            t.to_dtype(DType::F64)?
+                .sqr()?
+                .sum_all()?
+                .sqrt()?
+                .to_scalar::<f64>()
+        };
+        let tn = norm(target)?;
+        let mut out = Vec::new();
+        for (i, s) in d.anchor_scale.iter().enumerate() {
+            let n = d.anchor_noise.get(i)?;
+            let nn = norm(&n)?;
+            out.push(((n / nn)? * (tn * s))?);
+        }
+        Tensor::stack(&out, 0)
+    }
+}
+
+impl Step for Spm {
+    type Draws = Draws;
+
+    fn draw(&self, rng: &mut TorchRng) -> crate::error::Result<Draws> {
+        let map = |e: candle_core::Error| crate::error::Error::usage(e.to_string());
+        let pair = randint(rng, 0, self.settings.len());
+        let s = &self.settings[pair];
+        let k = randint(rng, 1, self.steps);
+        let (h, w) = if s.dynamic_resolution {
+            (64 * randint(rng, 4, 8), 64 * randint(rng, 4, 8))
+        } else {
+            (s.resolution, s.resolution)
+        };
+        let z = randn(
+            rng,
+            &[s.batch_size, 4, h / 8, w / 8],
+            &self.device,
+            self.dtype,
+        )
+        .map_err(map)?;
+        let target = super::flat(&self.embeds[pair].target).map_err(map)?;
+        let tn = target
+            .iter()
+            .map(|v| (*v as f64).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        let sn = s.sampling_batch_size;
+        let mut noise = Vec::with_capacity(sn * target.len());
+        let mut scale = Vec::with_capacity(sn);
+        for _ in 0..sn {
+            // Accept with probability 1 − cos(target, n) (always, in effect).
+            let n = loop {
+                let n = rng.randn(target.len());
+                let dot: f64 = n
+                    .iter()
+                    .zip(&target)
+                    .map(|(a, b)| *a as f64 * *b as f64)
+                    .sum();
+                let nn = n.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
+                let cos = dot / (nn * tn).max(1e-30);
+                if (rng.rand(1)[0] as f64) < 1.0 - cos {
+                    break n;
+                }
+            };
+            noise.extend_from_slice(&n);
+            scale.push(0.8 + 0.4 * rng.rand(1)[0] as f64);
+        }
+        let dims = self.embeds[pair].target.dims().to_vec();
+        let anchor_noise = Tensor::from_vec(noise, (sn, 1, dims[1], dims[2]), &self.device)
+            .and_then(|t| t.to_dtype(self.dtype))
+            .map_err(map)?;
+        Ok(Draws {
+            pair,
+            k,
+            z,
+            anchor_noise,
+            anchor_scale: scale,
+        })
+    }
+
+    fn loss(&self, net: &Net, d: &Draws) -> Result<Terms> {
+        let x = self.trajectory(net, d, |_, _| {})?;
+        self.loss_at(net, d, &x)
+    }
+}
