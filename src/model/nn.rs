@@ -758,7 +758,25 @@ impl LayerNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let w = self.inner.weight();
         let b = self.inner.bias();
-        let fused = |x: &Tensor| self.inner.forward(x);
+        let composite = |x: &Tensor| -> Result<Tensor> {
+            let mean = x.mean_keepdim(D::Minus1)?;
+            let xc = x.broadcast_sub(&mean)?;
+            let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+            let y = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+            let y = y.broadcast_mul(w)?;
+            match b {
+                Some(b) => y.broadcast_add(b),
+                None => Ok(y),
+            }
+        };
+        // candle's fused kernel has no f64 form.
+        let fused = |x: &Tensor| {
+            if x.dtype() == DType::F64 {
+                composite(x)
+            } else {
+                self.inner.forward(x)
+            }
+        };
         if !x.track_op() && !w.track_op() {
             return fused(x);
         }
@@ -782,15 +800,7 @@ impl LayerNorm {
                     .broadcast_div(&sigma)
             });
         }
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let xc = x.broadcast_sub(&mean)?;
-        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-        let y = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        let y = y.broadcast_mul(w)?;
-        match b {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
-        }
+        composite(x)
     }
 }
 
