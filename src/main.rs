@@ -271,6 +271,8 @@ enum Command {
     },
     /// Generate images with membranes (Facilitated Transport as SPM's infer_spm.py).
     Generate(cli::generate::GenerateArgs),
+    /// Train an eraser: SPM with Latent Anchoring, ESD or Forget-Me-Not.
+    Train(cli::train::TrainArgs),
     /// Run the local FT sidecar: an HTTP daemon the WebUI extension asks for gates.
     ///
     /// Binds to 127.0.0.1 by default. Endpoints: GET /healthz,
@@ -745,6 +747,7 @@ fn run(cmd: Command) -> Result<()> {
             Ok(())
         }
         Command::Generate(args) => cli::generate::run(args),
+        Command::Train(args) => cli::train::run(args),
         Command::Serve {
             host,
             port,

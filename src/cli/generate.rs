@@ -156,7 +156,7 @@ impl Progress for Bar {
     }
 }
 
-fn device(d: DeviceArg) -> Result<Device> {
+pub(crate) fn device(d: DeviceArg) -> Result<Device> {
     match d {
         DeviceArg::Cpu => Ok(Device::Cpu),
         DeviceArg::Cuda => Device::new_cuda(0).map_err(|e| {
@@ -168,7 +168,7 @@ fn device(d: DeviceArg) -> Result<Device> {
 }
 
 /// Ctrl-C sets the flag; the loop stops at the next step.
-fn cancel_on_ctrl_c() -> Arc<AtomicBool> {
+pub(crate) fn cancel_on_ctrl_c() -> Arc<AtomicBool> {
     let flag = Arc::new(AtomicBool::new(false));
     let f = flag.clone();
     std::thread::spawn(move || {

@@ -281,13 +281,18 @@ fn exp_neg(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
     let x = x.max(-87.0);
-    let n = (x * LOG2E + 0.5).floor();
+    // floor(y) without `f32::floor`, which is a libm call (no vector
+    // form) on baseline x86-64: truncate, then step down where that rounded up.
+    let y = x * LOG2E + 0.5;
+    let t = y as i32;
+    let ni = t - ((t as f32) > y) as i32;
+    let n = ni as f32;
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = 1.0
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    let bits = ((n as i32 + 127) as u32) << 23;
+    let bits = ((ni + 127) as u32) << 23;
     p * f32::from_bits(bits)
 }
 

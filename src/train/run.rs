@@ -57,6 +57,11 @@ pub struct TrainOptions {
     pub save_every: usize,
     pub resume: Option<PathBuf>,
     pub force: bool,
+    /// Render `sample_prompts` through `spm generate`'s code every this
+    /// many steps (0 = never): a grid of base | FT | full strength.
+    pub sample_every: usize,
+    pub sample_prompts: Vec<String>,
+    pub sample_steps: usize,
     /// Inputs to protect besides the model (config files).
     pub inputs: Vec<PathBuf>,
 }
@@ -419,10 +424,71 @@ fn metadata(opts: &TrainOptions, r: &Resolved) -> std::collections::BTreeMap<Str
     m
 }
 
+/// A sample grid of `file` at `step`: `spm generate --membrane file --grid`
+/// into `<out stem>_samples/step_<step>/`.
+fn render_samples(opts: &TrainOptions, file: &Path, step: usize, obs: &dyn Observer) -> Result<()> {
+    let stem = opts
+        .out
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("spm");
+    let dir = opts
+        .out
+        .with_file_name(format!("{stem}_samples"))
+        .join(format!("step_{step:06}"));
+    obs.note(&format!("rendering samples into {}", dir.display()));
+    let g = crate::generate::GenerateOptions {
+        load: LoadSpec {
+            model: opts.model.clone(),
+            config: opts.config_dir.clone(),
+            device: opts.device.clone(),
+            dtype: DType::F32,
+            vae_encoder: false,
+            prediction_type: None,
+            train: None,
+        },
+        prompts: opts.sample_prompts.clone(),
+        negative: String::new(),
+        steps: opts.sample_steps,
+        cfg: 7.5,
+        width: 512.min(opts.resolution.unwrap_or(512)),
+        height: 512.min(opts.resolution.unwrap_or(512)),
+        seed: opts.seed,
+        sampler: None,
+        batch: 1,
+        membranes: vec![file.to_path_buf()],
+        strength: None,
+        gate: Default::default(),
+        mix: Default::default(),
+        grid: true,
+        clip_skip: 1,
+        out: dir,
+        force: true,
+    };
+    crate::generate::check(&g)?;
+    let never = AtomicBool::new(false);
+    crate::generate::run(&g, &NoProgress, &never)?;
+    Ok(())
+}
+
+struct NoProgress;
+impl crate::generate::Progress for NoProgress {
+    fn start(&self, _: u64) {}
+    fn step(&self, _: &str) {}
+    fn finish(&self) {}
+}
+
 /// Run the whole job.
 pub fn run(opts: &TrainOptions, obs: &dyn Observer, cancel: &AtomicBool) -> Result<Summary> {
     let started = std::time::Instant::now();
     let r = opts.resolve()?;
+    if opts.sample_every > 0 && (r.full || opts.sample_prompts.is_empty()) {
+        return Err(Error::usage(if r.full {
+            "--sample-every renders the trained file as a membrane; a --full output is not one"
+        } else {
+            "--sample-every needs at least one --sample-prompt"
+        }));
+    }
     let state = opts.state_path();
     let mut inputs: Vec<&Path> = vec![&opts.model];
     inputs.extend(opts.inputs.iter().map(PathBuf::as_path));
@@ -524,13 +590,22 @@ pub fn run(opts: &TrainOptions, obs: &dyn Observer, cancel: &AtomicBool) -> Resu
         losses.push(loss);
         step += 1;
         obs.step(step, &terms.parts, lr);
-        if opts.save_every > 0 && step % opts.save_every == 0 && step < r.iterations {
-            write_out(&sibling(&opts.out, &format!("{step}steps")))?;
+        let save = opts.save_every > 0 && step % opts.save_every == 0 && step < r.iterations;
+        let sample = opts.sample_every > 0 && step % opts.sample_every == 0 && step < r.iterations;
+        if save || sample {
+            let file = sibling(&opts.out, &format!("{step}steps"));
+            write_out(&file)?;
             super::checkpoint::save(&state, &opt, step, &fingerprint)?;
+            if sample {
+                render_samples(opts, &file, step, obs)?;
+            }
         }
     }
     write_out(&opts.out)?;
     super::checkpoint::save(&state, &opt, step, &fingerprint)?;
+    if opts.sample_every > 0 {
+        render_samples(opts, &opts.out, step, obs)?;
+    }
     obs.finish();
     Ok(Summary {
         out: opts.out.clone(),
