@@ -49,3 +49,17 @@ pub mod train;
 pub mod transport;
 
 pub use error::{Error, Result};
+
+/// candle re-derives its default thread count on every CPU matmul
+/// (`num_cpus::get_physical`, a parse of /proc/cpuinfo on Linux) unless
+/// `RAYON_NUM_THREADS` is set: on small networks that parse cost more than
+/// the arithmetic (2× on the tiny training runs). The same number, fixed
+/// once, before any thread starts.
+pub fn pin_thread_count() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        std::env::set_var(
+            "RAYON_NUM_THREADS",
+            num_cpus::get_physical().max(1).to_string(),
+        );
+    }
+}

@@ -403,6 +403,7 @@ impl GateArgs {
 }
 
 fn main() -> ExitCode {
+    spm::pin_thread_count();
     let cli = Cli::parse();
     let level = match cli.verbose {
         0 => "warn",

@@ -107,6 +107,7 @@ fn close_scalar(what: &str, a: f64, b: f64, rel: f64) {
 }
 
 fn load(arch: &str, train: Trainables) -> (StableDiffusion, Arc<Trainables>) {
+    spm::pin_thread_count();
     let train = Arc::new(train);
     let spec = LoadSpec {
         model: root().join("generate").join(arch),

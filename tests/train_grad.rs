@@ -22,6 +22,7 @@ use spm::train::{Method, Net, Terms};
 const DT: DType = DType::F64;
 
 fn load(arch: &str, train: Trainables) -> (StableDiffusion, Arc<Trainables>) {
+    spm::pin_thread_count();
     let train = Arc::new(train);
     let spec = LoadSpec {
         model: PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -314,6 +314,17 @@ pub fn run(a: TrainArgs) -> Result<()> {
             summary.last_loss.unwrap_or(f64::NAN),
             summary.seconds
         );
+        let fmt = |p: &[(&str, f64)]| {
+            p.iter()
+                .map(|(n, v)| format!("{n} {v:.4e}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        println!(
+            "held-out draw: {} → {}",
+            fmt(&summary.eval_before),
+            fmt(&summary.eval_after)
+        );
         println!("checkpoint: {}", summary.state.display());
     }
     Ok(())

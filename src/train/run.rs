@@ -218,6 +218,11 @@ pub struct Summary {
     pub first_loss: Option<f64>,
     pub last_loss: Option<f64>,
     pub losses: Vec<f64>,
+    /// The loss terms at one fixed held-out draw, before the first and
+    /// after the last step of this run: unlike the per-step losses (each at
+    /// its own random k, t, latent), these two are comparable.
+    pub eval_before: Vec<(&'static str, f64)>,
+    pub eval_after: Vec<(&'static str, f64)>,
     pub seconds: f64,
 }
 
@@ -554,6 +559,12 @@ pub fn run(opts: &TrainOptions, obs: &dyn Observer, cancel: &AtomicBool) -> Resu
         };
         super::output::write(dest, &meta, &tensors)
     };
+    // A fixed draw no training step uses.
+    let eval = |net: &Net| -> Result<Vec<(&'static str, f64)>> {
+        let mut rng = step_rng(r.seed ^ 0xe7a1, usize::MAX);
+        Ok(method.draw_and_loss(net, &mut rng)?.parts)
+    };
+    let eval_before = eval(&net)?;
     obs.start(r.iterations, start);
     let mut losses = Vec::new();
     let mut first: Option<f64> = None;
@@ -568,20 +579,30 @@ pub fn run(opts: &TrainOptions, obs: &dyn Observer, cancel: &AtomicBool) -> Resu
         let terms = method.draw_and_loss(&net, &mut rng)?;
         let loss = terms.value().map_err(ce)?;
         let reference = *first.get_or_insert(loss);
+        let last_good = || {
+            if state.is_file() {
+                format!(
+                    "the last good state is {} (resume with --resume, e.g. at a lower --lr)",
+                    state.display()
+                )
+            } else {
+                "no checkpoint was written yet (--save-every)".to_string()
+            }
+        };
         if !loss.is_finite() || (loss > 1e4 * reference.abs().max(1e-8) && step > start) {
             return Err(Error::usage(format!(
-                "step {}: the loss is {loss:e} (first step {reference:e}); stopping. The last good state is {} (resume with --resume, e.g. at a lower --lr)",
+                "step {}: the loss is {loss:e} (first step {reference:e}); stopping: {}",
                 step + 1,
-                state.display()
+                last_good()
             )));
         }
         let mut grads = terms.total.backward().map_err(ce)?;
         let norm = clip_grad_norm(&mut grads, &var_list, r.max_grad_norm).map_err(ce)?;
         if !norm.is_finite() {
             return Err(Error::usage(format!(
-                "step {}: a gradient is NaN or infinite; stopping. The last good state is {}",
+                "step {}: a gradient is NaN or infinite; stopping: {}",
                 step + 1,
-                state.display()
+                last_good()
             )));
         }
         let lr = r.lr * r.schedule.factor(step);
@@ -603,6 +624,7 @@ pub fn run(opts: &TrainOptions, obs: &dyn Observer, cancel: &AtomicBool) -> Resu
     }
     write_out(&opts.out)?;
     super::checkpoint::save(&state, &opt, step, &fingerprint)?;
+    let eval_after = eval(&net)?;
     if opts.sample_every > 0 {
         render_samples(opts, &opts.out, step, obs)?;
     }
@@ -619,6 +641,8 @@ pub fn run(opts: &TrainOptions, obs: &dyn Observer, cancel: &AtomicBool) -> Resu
         first_loss: losses.first().copied(),
         last_loss: losses.last().copied(),
         losses,
+        eval_before,
+        eval_after,
         seconds: started.elapsed().as_secs_f64(),
     })
 }
