@@ -204,3 +204,80 @@ pub fn render_text(r: &InspectReport) -> String {
     }
     s
 }
+
+/// What `spm inspect` says of a `spm train --full` output: a partial
+/// diffusers UNet state dict (the trained layers' weights and biases, as
+/// ESD's `esd_sd.py` saves them), not an adapter.
+#[derive(Debug, Serialize)]
+pub struct PartialReport {
+    pub file: String,
+    pub kind: &'static str,
+    pub method: Option<String>,
+    pub modules: usize,
+    pub tensors: usize,
+    pub parameters: usize,
+    pub dtypes: BTreeMap<String, usize>,
+    pub concepts: Vec<String>,
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// `Some` when `path` is a safetensors file of diffusers UNet parameter
+/// names only (`…weight` / `…bias` under `down_blocks.`, `mid_block.`,
+/// `up_blocks.`, `conv_in`, `conv_out`, `time_embedding.`, `conv_norm_out`).
+pub fn inspect_partial(path: &std::path::Path) -> Option<PartialReport> {
+    let h = crate::io::safetensors::read_header(path).ok()?;
+    if h.tensors.is_empty() {
+        return None;
+    }
+    let roots = [
+        "down_blocks.",
+        "mid_block.",
+        "up_blocks.",
+        "conv_in.",
+        "conv_out.",
+        "time_embedding.",
+        "conv_norm_out.",
+    ];
+    let mut modules = std::collections::BTreeSet::new();
+    let mut dtypes: BTreeMap<String, usize> = BTreeMap::new();
+    let mut parameters = 0;
+    for t in &h.tensors {
+        let (module, leaf) = t.name.rsplit_once('.')?;
+        if !(leaf == "weight" || leaf == "bias") || !roots.iter().any(|r| t.name.starts_with(r)) {
+            return None;
+        }
+        modules.insert(module.to_string());
+        *dtypes.entry(dtype_name(t.dtype)).or_default() += 1;
+        parameters += t.shape.iter().product::<usize>();
+    }
+    Some(PartialReport {
+        file: path.display().to_string(),
+        kind: "partial diffusers UNet state dict (full-weight eraser)",
+        method: h.metadata.get("spm_train_method").cloned(),
+        modules: modules.len(),
+        tensors: h.tensors.len(),
+        parameters,
+        dtypes,
+        concepts: crate::adapter::concepts_of(&h.metadata),
+        metadata: h.metadata.clone(),
+    })
+}
+
+pub fn render_partial(r: &PartialReport) -> String {
+    let mut s = String::new();
+    s += &format!("file          {}\n", r.file);
+    s += &format!("kind          {}\n", r.kind);
+    if let Some(m) = &r.method {
+        s += &format!("method        {m}\n");
+    }
+    s += &format!("modules       {}\n", r.modules);
+    s += &format!(
+        "tensors       {} ({} parameters)\n",
+        r.tensors, r.parameters
+    );
+    let d: Vec<String> = r.dtypes.iter().map(|(k, v)| format!("{k} ×{v}")).collect();
+    s += &format!("dtype         {}\n", d.join(", "));
+    s += &format!("concepts      {}\n", r.concepts.join(", "));
+    s += "note          not an adapter: the trained layers' own weights, loadable with diffusers' `unet.load_state_dict(sd, strict=False)` as ESD's esd_sd.py files are\n";
+    s
+}

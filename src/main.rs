@@ -272,7 +272,7 @@ enum Command {
     /// Generate images with membranes (Facilitated Transport as SPM's infer_spm.py).
     Generate(cli::generate::GenerateArgs),
     /// Train an eraser: SPM with Latent Anchoring, ESD or Forget-Me-Not.
-    Train(cli::train::TrainArgs),
+    Train(Box<cli::train::TrainArgs>),
     /// Run the local FT sidecar: an HTTP daemon the WebUI extension asks for gates.
     ///
     /// Binds to 127.0.0.1 by default. Endpoints: GET /healthz,
@@ -499,7 +499,20 @@ fn write_file(
 fn run(cmd: Command) -> Result<()> {
     match cmd {
         Command::Inspect { file, arch, json } => {
-            let ad = Adapter::load(&file, arch.get())?;
+            let ad = match Adapter::load(&file, arch.get()) {
+                Ok(ad) => ad,
+                Err(e) => match inspect::inspect_partial(&file) {
+                    Some(r) => {
+                        if json {
+                            println!("{}", serde_json::to_string_pretty(&r).expect("json"));
+                        } else {
+                            print!("{}", inspect::render_partial(&r));
+                        }
+                        return Ok(());
+                    }
+                    None => return Err(e),
+                },
+            };
             let report = inspect::inspect(&ad);
             if json {
                 println!("{}", serde_json::to_string_pretty(&report).expect("json"));
@@ -748,7 +761,7 @@ fn run(cmd: Command) -> Result<()> {
             Ok(())
         }
         Command::Generate(args) => cli::generate::run(args),
-        Command::Train(args) => cli::train::run(args),
+        Command::Train(args) => cli::train::run(*args),
         Command::Serve {
             host,
             port,

@@ -147,6 +147,7 @@ fn inject(train: &Trainables, fx: &Fx, case: &str) {
 }
 
 /// Gradients, then one optimizer step, against `grad.*` / `after.*`.
+#[allow(clippy::too_many_arguments)]
 fn check_grads_and_step(
     terms: &Terms,
     train: &Trainables,

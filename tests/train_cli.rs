@@ -317,3 +317,25 @@ fn reference_config_files_train() {
     assert_eq!(m["rank"], "1");
     assert_eq!(m["alpha"], "1.0");
 }
+
+/// `--full` writes the trained layers' weights as a partial diffusers state
+/// dict (ESD's own format) under their parameter names; inspect names it.
+#[test]
+fn full_weight_output_is_a_partial_state_dict_inspect_reads() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("esd_full.safetensors");
+    let v = train("esd-x", "1e-3", &out, &["--full"]);
+    assert_eq!(v["tensors"], 80);
+    let o = spm().args(["inspect", "--json", p(&out)]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["modules"], 64);
+    assert_eq!(r["tensors"], 80);
+    assert_eq!(r["method"], "esd-x");
+    assert_eq!(r["concepts"][0], "snoopy");
+    let bytes = std::fs::read(&out).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert!(st
+        .names()
+        .contains(&"down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"));
+}

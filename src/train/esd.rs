@@ -89,9 +89,11 @@ impl Esd {
                     false,
                     sched.as_mut(),
                     x,
-                    &self.null,
-                    from,
-                    self.guidance,
+                    super::Guide {
+                        uncond: &self.null,
+                        cond: from,
+                        scale: self.guidance,
+                    },
                     d.k,
                     each,
                 )?;

@@ -171,19 +171,22 @@ impl<'a> Net<'a> {
         &u + ((c - &u)? * g)?
     }
 
-    /// Run `sched` over its first `steps` timesteps from `x` with CFG `g`
-    /// (the trajectories of SPM, ESD and the data-free FMN images).
+    /// Run `sched` over its first `steps` timesteps from `x` with CFG
+    /// `guide` (the trajectories of SPM, ESD and the data-free FMN images).
     pub fn denoise(
         &self,
         on: bool,
         sched: &mut dyn Scheduler,
         x: Tensor,
-        uncond: &Tensor,
-        cond: &Tensor,
-        g: f64,
+        guide: Guide,
         steps: usize,
         mut each: impl FnMut(usize, &Tensor),
     ) -> Result<Tensor> {
+        let Guide {
+            uncond,
+            cond,
+            scale: g,
+        } = guide;
         let shape = x.dims().to_vec();
         let mut x = x;
         let mut rng = TorchRng::manual_seed(0);
@@ -203,6 +206,13 @@ impl<'a> Net<'a> {
         }
         Ok(x)
     }
+}
+
+/// Classifier-free guidance: `u + scale·(c − u)`.
+pub struct Guide<'a> {
+    pub uncond: &'a Tensor,
+    pub cond: &'a Tensor,
+    pub scale: f64,
 }
 
 /// A tensor's values as f32 (schedulers work on flat f32 latents).

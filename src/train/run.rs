@@ -339,9 +339,11 @@ pub fn build_method(
                         false,
                         sched.as_mut(),
                         z,
-                        &uncond,
-                        &prompt,
-                        7.5,
+                        super::Guide {
+                            uncond: &uncond,
+                            cond: &prompt,
+                            scale: 7.5,
+                        },
                         opts.fmn_gen_steps,
                         |_, _| {},
                     )

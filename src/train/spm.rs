@@ -218,16 +218,15 @@ impl Spm {
         let x = (&d.z * sched.init_noise_sigma())?;
         let rep = |t: &Tensor| t.repeat((b, 1, 1));
         let _ = s;
-        net.denoise(
-            true,
-            sched.as_mut(),
-            x,
-            &rep(&e.uncond)?,
-            &rep(&e.target)?,
-            3.0,
-            d.k,
-            each,
-        )
+        {
+            let (u, c) = (rep(&e.uncond)?, rep(&e.target)?);
+            let guide = super::Guide {
+                uncond: &u,
+                cond: &c,
+                scale: 3.0,
+            };
+            net.denoise(true, sched.as_mut(), x, guide, d.k, each)
+        }
     }
 
     /// The loss at latent `x` (the trajectory's end) for the draws `d`.
