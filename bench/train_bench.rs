@@ -114,7 +114,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 prediction_type: None,
                 train: Some(train.clone()),
             };
-            sd = Some(StableDiffusion::load(&spec, Arc::new(AdapterSet::default()))?);
+            sd = Some(StableDiffusion::load(
+                &spec,
+                Arc::new(AdapterSet::default()),
+            )?);
         }
         "sd15" => {
             // esd-x: a frozen base and a trained copy (full attn2 weights);
@@ -220,6 +223,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 prompt: emb("a photo of snoopy")?,
                 mask: Tensor::from_vec(mv, (1, 77), &dev)?,
                 latents: vec![x.clone()],
+                encoded: vec![],
                 alphas_cumprod: esd::ldm_alphas_cumprod(),
                 device: dev.clone(),
                 dtype: dt,

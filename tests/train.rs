@@ -573,6 +573,7 @@ fn fmn_case(arch: &str) {
         Fmn {
             prompt: sd.encode(&[prompt], 1).unwrap(),
             mask: Tensor::from_vec(mv, (1, 77), &Device::Cpu).unwrap(),
+            encoded: Vec::new(),
             latents: vec![t(&fx, "ca_full/in.x0")],
             alphas_cumprod: esd::ldm_alphas_cumprod(),
             device: Device::Cpu,

@@ -339,3 +339,64 @@ fn full_weight_output_is_a_partial_state_dict_inspect_reads() {
         .names()
         .contains(&"down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"));
 }
+
+/// FMN on photos (`--images`): PNGs (here two written by `spm generate`,
+/// one not square) go through the VAE encoder and train; a file that is
+/// not an image is named before any work.
+#[test]
+fn fmn_trains_on_an_image_folder_and_names_a_bad_image() {
+    let d = tempfile::tempdir().unwrap();
+    let imgs = d.path().join("imgs");
+    for (i, size) in ["64x64", "64x96"].iter().enumerate() {
+        let out = d.path().join(format!("g{i}"));
+        let o = spm()
+            .args([
+                "generate",
+                "--model",
+                p(&gen("sd1")),
+                "--steps",
+                "2",
+                "--size",
+                size,
+                "snoopy",
+                "-o",
+                p(&out),
+            ])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        std::fs::create_dir_all(&imgs).unwrap();
+        let png = std::fs::read_dir(&out)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        std::fs::copy(png, imgs.join(format!("{i}.png"))).unwrap();
+    }
+    let out = d.path().join("fmn.safetensors");
+    let v = train("fmn", "1e-2", &out, &["--images", p(&imgs)]);
+    assert!(term(&v, "eval_after", "attn") < term(&v, "eval_before", "attn"));
+    std::fs::write(imgs.join("bad.jpg"), b"not a jpeg").unwrap();
+    let out2 = d.path().join("fmn2.safetensors");
+    let o = spm()
+        .args([
+            "train",
+            "--model",
+            p(&gen("sd1")),
+            "--concept",
+            "snoopy",
+            "--method",
+            "fmn",
+            "--resolution",
+            "64",
+            "--images",
+            p(&imgs),
+            "-o",
+            p(&out2),
+        ])
+        .output()
+        .unwrap();
+    assert!(!o.status.success() && !out2.exists());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("bad.jpg"));
+}

@@ -246,6 +246,7 @@ fn fmn_gradients_match_finite_differences() {
         let f = Fmn {
             prompt: sd.encode(&[prompt], 1).unwrap(),
             mask: Tensor::from_vec(m, (1, 77), &Device::Cpu).unwrap(),
+            encoded: Vec::new(),
             latents: vec![randn(&mut rng, &[1, 4, 8, 8], 0.5)],
             alphas_cumprod: spm::train::esd::ldm_alphas_cumprod(),
             device: Device::Cpu,

@@ -131,6 +131,10 @@ pub struct TrainArgs {
     fmn_images: usize,
     #[arg(long, default_value_t = 30)]
     fmn_gen_steps: usize,
+    /// FMN: train on the photos (PNG/JPEG) in this folder, through the VAE
+    /// encoder, as the reference does, instead of generated samples.
+    #[arg(long)]
+    images: Option<PathBuf>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Save the file and a checkpoint every N steps (0 = only at the end).
@@ -261,6 +265,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         fmn_kind: a.fmn_kind,
         fmn_mask: a.fmn_mask,
         fmn_images: a.fmn_images.max(1),
+        fmn_image_dir: a.images,
         fmn_gen_steps: a.fmn_gen_steps.max(1),
         max_denoising_steps: a.max_denoising_steps.max(2),
         seed: a.seed,

@@ -11,7 +11,64 @@
 //!
 //! Data-free by default: the "concept images" are latents the base model
 //! itself samples for the prompt (a deviation from the reference, which
-//! reads photos; `--images` does that, through the VAE encoder).
+//! reads photos; `--images` does that, through the VAE encoder: short side
+//! resized to the resolution, bilinear, then a center crop — the reference
+//! crops at random — and a fresh `latent_dist.sample()` every step).
+
+/// Read every PNG/JPEG in `dir` (sorted) as `[1, 3, res, res]` in [-1, 1]:
+/// the short side resized to `res` (bilinear, torchvision's `Resize`),
+/// then the center `res × res`.
+pub fn read_images(
+    dir: &std::path::Path,
+    res: usize,
+    dev: &Device,
+    dtype: DType,
+) -> crate::error::Result<Vec<(std::path::PathBuf, Tensor)>> {
+    use crate::error::Error;
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg"))
+        })
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(Error::file(dir, "no .png/.jpg/.jpeg images in this folder"));
+    }
+    files
+        .into_iter()
+        .map(|f| {
+            let img = image::open(&f)
+                .map_err(|e| Error::file(&f, format!("not a readable image: {e}")))?
+                .to_rgb8();
+            let (w, h) = img.dimensions();
+            if w == 0 || h == 0 {
+                return Err(Error::file(&f, "empty image"));
+            }
+            let s = res as f64 / w.min(h) as f64;
+            let (nw, nh) = (
+                ((w as f64 * s).round() as u32).max(res as u32),
+                ((h as f64 * s).round() as u32).max(res as u32),
+            );
+            let img = image::imageops::resize(&img, nw, nh, image::imageops::FilterType::Triangle);
+            let (x0, y0) = ((nw - res as u32) / 2, (nh - res as u32) / 2);
+            let crop = image::imageops::crop_imm(&img, x0, y0, res as u32, res as u32).to_image();
+            let mut v = vec![0f32; 3 * res * res];
+            for (x, y, p) in crop.enumerate_pixels() {
+                for c in 0..3 {
+                    v[c * res * res + y as usize * res + x as usize] = p[c] as f32 / 127.5 - 1.0;
+                }
+            }
+            let t = Tensor::from_vec(v, (1, 3, res, res), dev)
+                .and_then(|t| t.to_dtype(dtype))
+                .map_err(|e| Error::usage(e.to_string()))?;
+            Ok((f, t))
+        })
+        .collect()
+}
 
 use std::sync::Arc;
 
@@ -96,8 +153,12 @@ pub struct Fmn {
     pub prompt: Tensor,
     /// `[1, 77]` 0/1.
     pub mask: Tensor,
-    /// Clean latents `[1, 4, h, w]` to noise (generated or encoded).
+    /// Clean latents `[1, 4, h, w]` to noise (the base model's samples).
     pub latents: Vec<Tensor>,
+    /// Encoded photos (`--images`): the VAE's latent distribution, mean and
+    /// std already times the scaling factor; each step draws a fresh sample
+    /// (`latent_dist.sample()`, as the reference).
+    pub encoded: Vec<(Tensor, Tensor)>,
     /// ᾱ of the model's training schedule.
     pub alphas_cumprod: Vec<f32>,
     pub device: Device,
@@ -105,9 +166,12 @@ pub struct Fmn {
 }
 
 pub struct Draws {
+    /// Into `latents`, then `encoded`.
     pub index: usize,
     pub t: usize,
     pub eps: Tensor,
+    /// The latent-distribution sample's noise, for an encoded photo.
+    pub sample: Option<Tensor>,
 }
 
 impl Fmn {
@@ -139,15 +203,38 @@ impl Step for Fmn {
     type Draws = Draws;
 
     fn draw(&self, rng: &mut TorchRng) -> crate::error::Result<Draws> {
-        let index = randint(rng, 0, self.latents.len());
+        let map = |e: candle_core::Error| crate::error::Error::usage(e.to_string());
+        let n = self.latents.len() + self.encoded.len();
+        let index = randint(rng, 0, n);
+        let dims = match self.latents.get(index) {
+            Some(l) => l.dims().to_vec(),
+            None => self.encoded[index - self.latents.len()].0.dims().to_vec(),
+        };
+        let sample = if index >= self.latents.len() {
+            Some(randn(rng, &dims, &self.device, self.dtype).map_err(map)?)
+        } else {
+            None
+        };
         let t = randint(rng, 0, self.alphas_cumprod.len());
-        let eps = randn(rng, self.latents[index].dims(), &self.device, self.dtype)
-            .map_err(|e| crate::error::Error::usage(e.to_string()))?;
-        Ok(Draws { index, t, eps })
+        let eps = randn(rng, &dims, &self.device, self.dtype).map_err(map)?;
+        Ok(Draws {
+            index,
+            t,
+            eps,
+            sample,
+        })
     }
 
     fn loss(&self, net: &Net, d: &Draws) -> Result<Terms> {
-        let x_t = self.noised(&self.latents[d.index], &d.eps, d.t)?;
+        let x0 = match (self.latents.get(d.index), &d.sample) {
+            (Some(l), _) => l.clone(),
+            (None, Some(n)) => {
+                let (m, s) = &self.encoded[d.index - self.latents.len()];
+                (m + (s * n)?)?
+            }
+            (None, None) => candle_core::bail!("an encoded image needs its sample noise"),
+        };
+        let x_t = self.noised(&x0, &d.eps, d.t)?;
         self.loss_at(net, &x_t, d.t)
     }
 }

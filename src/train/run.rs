@@ -50,6 +50,8 @@ pub struct TrainOptions {
     pub fmn_kind: Kind,
     pub fmn_mask: Mask,
     pub fmn_images: usize,
+    /// FMN on real pictures (through the VAE encoder) instead of samples.
+    pub fmn_image_dir: Option<PathBuf>,
     pub fmn_gen_steps: usize,
     pub max_denoising_steps: usize,
     pub seed: u64,
@@ -318,10 +320,26 @@ pub fn build_method(
             let uncond = embed(sd, "")?;
             let cfg = sd.scheduler.clone();
             let alphas = scheduler_alphas(&cfg)?;
-            // Data-free: the base model's own samples for the prompt.
             let lat = r.resolution / 8;
             let mut latents = Vec::new();
-            for i in 0..opts.fmn_images {
+            let mut encoded = Vec::new();
+            if let Some(dir) = &opts.fmn_image_dir {
+                let scale = sd.vae.config.scaling_factor;
+                for (f, img) in super::fmn::read_images(dir, r.resolution, &sd.device, sd.dtype)? {
+                    obs.note(&format!("encoding {}", f.display()));
+                    let d = sd.vae.encode(&img).map_err(|e| {
+                        Error::file(&f, format!("VAE encoder: {}", error_message(&e)))
+                    })?;
+                    encoded.push(((d.mean * scale).map_err(ce)?, (d.std * scale).map_err(ce)?));
+                }
+            }
+            // Data-free: the base model's own samples for the prompt.
+            let generated = if opts.fmn_image_dir.is_some() {
+                0
+            } else {
+                opts.fmn_images
+            };
+            for i in 0..generated {
                 obs.note(&format!(
                     "sampling concept image {}/{} ({} steps)",
                     i + 1,
@@ -354,6 +372,7 @@ pub fn build_method(
                 prompt,
                 mask,
                 latents,
+                encoded,
                 alphas_cumprod: alphas,
                 device: sd.device.clone(),
                 dtype: sd.dtype,
@@ -502,6 +521,12 @@ pub fn run(opts: &TrainOptions, obs: &dyn Observer, cancel: &AtomicBool) -> Resu
     if let Some(c) = &opts.config_dir {
         inputs.push(c);
     }
+    if let Some(d) = &opts.fmn_image_dir {
+        if opts.method != Method::Fmn {
+            return Err(Error::usage("--images is for --method fmn"));
+        }
+        inputs.push(d);
+    }
     check_output(&opts.out, &inputs, OutputKind::File, opts.force)?;
     if let Some(res) = &opts.resume {
         if res != &state {
@@ -515,7 +540,7 @@ pub fn run(opts: &TrainOptions, obs: &dyn Observer, cancel: &AtomicBool) -> Resu
         config: opts.config_dir.clone(),
         device: opts.device.clone(),
         dtype: DType::F32,
-        vae_encoder: false,
+        vae_encoder: opts.method == Method::Fmn && opts.fmn_image_dir.is_some(),
         prediction_type: None,
         train: Some(train.clone()),
     };
