@@ -240,6 +240,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let (mut fw, mut bw, mut op, mut st) = (vec![], vec![], vec![], vec![]);
     let mut losses = vec![];
+    let mut warm = 0f64;
     for i in 0..=runs {
         let a = Instant::now();
         let terms = loss(&net)?;
@@ -252,6 +253,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         drop(terms);
         let d = Instant::now();
         if i == 0 {
+            warm = (d - a).as_secs_f64();
             continue; // warm-up
         }
         losses.push(l);
@@ -267,7 +269,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .join(", ")
     };
     println!(
-        "{{\"impl\": \"spm\", \"model\": \"{model}\", \"method\": \"{method}\", \"latent\": {latent}, \"skip_frozen\": {}, \"threads\": \"{}\", \"trainable_tensors\": {}, \"trainable_params\": {n_params}, \"build_s\": {build:.2}, \"step_s\": [{}], \"forward_s\": [{}], \"backward_s\": [{}], \"optim_s\": [{}], \"loss\": [{}], \"rss_after_build_mb\": {rss_build:.0}, \"peak_rss_mb\": {:.0}}}",
+        "{{\"impl\": \"spm\", \"model\": \"{model}\", \"method\": \"{method}\", \"latent\": {latent}, \"skip_frozen\": {}, \"threads\": \"{}\", \"trainable_tensors\": {}, \"trainable_params\": {n_params}, \"build_s\": {build:.2}, \"warmup_s\": {warm:.3}, \"step_s\": [{}], \"forward_s\": [{}], \"backward_s\": [{}], \"optim_s\": [{}], \"loss\": [{}], \"rss_after_build_mb\": {rss_build:.0}, \"peak_rss_mb\": {:.0}}}",
         skip as u8,
         std::env::var("RAYON_NUM_THREADS").unwrap_or_default(),
         vars.len(),

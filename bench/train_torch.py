@@ -224,7 +224,7 @@ fw, bw, op, st, losses = [], [], [], [], []
 for i in range(runs + 1):
     a = time.perf_counter()
     loss = loss_fn()
-    lv = float(loss)
+    lv = float(loss.detach())
     b = time.perf_counter()
     loss.backward()
     c = time.perf_counter()
@@ -233,6 +233,7 @@ for i in range(runs + 1):
     del loss
     d = time.perf_counter()
     if i == 0:
+        warm = round(d - a, 3)
         continue
     losses.append(lv)
     fw.append(round(b - a, 3)); bw.append(round(c - b, 3)); op.append(round(d - c, 3)); st.append(round(d - a, 3))
@@ -242,6 +243,6 @@ print(json.dumps({
     "impl": f"torch {torch.__version__} / diffusers {diffusers.__version__}", "model": model,
     "method": method, "latent": latent, "threads": threads, "trainable_modules": n_mod,
     "trainable_tensors": len(params), "trainable_params": sum(p.numel() for p in params),
-    "build_s": round(build, 2), "step_s": st, "forward_s": fw, "backward_s": bw, "optim_s": op,
+    "build_s": round(build, 2), "warmup_s": warm, "step_s": st, "forward_s": fw, "backward_s": bw, "optim_s": op,
     "loss": losses, "attention": attn, "rss_after_build_mb": round(rss_build),
     "peak_rss_mb": round(status_mb("VmHWM:"))}))
