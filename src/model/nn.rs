@@ -722,16 +722,26 @@ pub struct GroupNorm {
 
 impl GroupNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.track_op() && !self.weight.track_op() && !self.bias.track_op() {
+            // The same value with an input-only backward that recomputes
+            // the statistics: the composite form would keep five
+            // activation-sized intermediates per norm in the graph.
+            let y = self.composite(&x.detach())?;
+            let (xd, w, groups, eps) = (x.detach(), self.weight.clone(), self.groups, self.eps);
+            return with_input_grad(x, y, move |g| {
+                group_norm_input_grad(&xd, g, &w, groups, eps)
+            });
+        }
+        self.composite(x)
+    }
+
+    fn composite(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let (b, c) = (dims[0], dims[1]);
         let dtype = x.dtype();
         // Statistics in f32 for f16/bf16 activations, never below the
         // input's own precision (f64 stays f64).
-        let stats = if dtype == DType::F64 {
-            DType::F64
-        } else {
-            DType::F32
-        };
+        let stats = super::autograd::compute_dtype(dtype);
         let x = x.reshape((b, self.groups, ()))?.to_dtype(stats)?;
         let mean = x.mean_keepdim(2)?;
         let xc = x.broadcast_sub(&mean)?;
@@ -744,6 +754,39 @@ impl GroupNorm {
             .broadcast_mul(&self.weight.reshape(shape.clone())?)?
             .broadcast_add(&self.bias.reshape(shape)?)
     }
+}
+
+/// ∂L/∂x of GroupNorm with a frozen affine: per group,
+/// `(ĝ − mean(ĝ) − x̂·mean(ĝ·x̂))/σ` with `ĝ = g·w`.
+fn group_norm_input_grad(
+    x: &Tensor,
+    g: &Tensor,
+    w: &Tensor,
+    groups: usize,
+    eps: f64,
+) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let (b, c) = (dims[0], dims[1]);
+    let dtype = x.dtype();
+    let cdt = super::autograd::compute_dtype(dtype);
+    let mut shape = vec![1, c];
+    shape.resize(dims.len(), 1);
+    let gh = g
+        .broadcast_mul(&w.reshape(shape)?)?
+        .reshape((b, groups, ()))?
+        .to_dtype(cdt)?;
+    let x = x.reshape((b, groups, ()))?.to_dtype(cdt)?;
+    let mean = x.mean_keepdim(2)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let sigma = (xc.sqr()?.mean_keepdim(2)? + eps)?.sqrt()?;
+    let xh = xc.broadcast_div(&sigma)?;
+    let a = gh.mean_keepdim(2)?;
+    let m = (&gh * &xh)?.mean_keepdim(2)?;
+    gh.broadcast_sub(&a)?
+        .sub(&xh.broadcast_mul(&m)?)?
+        .broadcast_div(&sigma)?
+        .to_dtype(dtype)?
+        .reshape(dims)
 }
 
 /// LayerNorm over the last dimension: the fused kernel for inference, the
