@@ -283,7 +283,7 @@ fn reference_config_files_train() {
     let cfg = d.path().join("config.yaml");
     let prompts = d.path().join("prompt.yaml");
     std::fs::write(&cfg, format!(
-        "prompts_file: \"{}\"\n\npretrained_model:\n  name_or_path: \"{}\"\n  v2: false\n  v_pred: false\n  clip_skip: 1\n\nnetwork:\n  rank: 1\n  alpha: 1.0\n\ntrain:\n  precision: float32\n  noise_scheduler: \"ddim\"\n  iterations: 3000\n  batch_size: 1\n  lr: 0.0001\n  unet_lr: 0.0001\n  text_encoder_lr: 5e-05\n  optimizer_type: \"AdamW8bit\"\n  lr_scheduler: \"cosine_with_restarts\"\n  lr_warmup_steps: 500\n  lr_scheduler_num_cycles: 3\n  max_denoising_steps: 30\n\nsave:\n  name: \"pikachu\"\n  path: \"output/pikachu\"\n  per_steps: 500\n  precision: float32\n\nlogging:\n  use_wandb: true\n  interval: 500\n  seed: 0\n  generate_num: 2\n  run_name: \"pikachu\"\n  verbose: false\n  prompts: ['pikachu', '', 'dog', 'mickey', 'woman']\n\nother:\n  use_xformers: true\n",
+        "prompts_file: \"{}\"\n\npretrained_model:\n  name_or_path: \"{}\"\n  v2: false\n  v_pred: false\n  clip_skip: 1\n\nnetwork:\n  rank: 1\n  alpha: 1.0\n\ntrain:\n  precision: float32\n  noise_scheduler: \"ddim\"\n  iterations: 3000\n  batch_size: 1\n  lr: 0.0001\n  unet_lr: 0.0001\n  text_encoder_lr: 5e-05\n  optimizer_type: \"AdamW8bit\"\n  lr_scheduler: \"cosine_with_restarts\"\n  lr_warmup_steps: 7\n  lr_scheduler_num_cycles: 3\n  max_denoising_steps: 30\n\nsave:\n  name: \"pikachu\"\n  path: \"output/pikachu\"\n  per_steps: 500\n  precision: float32\n\nlogging:\n  use_wandb: true\n  interval: 500\n  seed: 0\n  generate_num: 2\n  run_name: \"pikachu\"\n  verbose: false\n  prompts: ['pikachu', '', 'dog', 'mickey', 'woman']\n\nother:\n  use_xformers: true\n",
         p(&prompts), p(&gen("sd1"))
     )).unwrap();
     std::fs::write(&prompts, "\n- target: \"pikachu\"\n  positive: \"pikachu\"\n  unconditional: \"\"\n  neutral: \"\"\n  action: \"erase_with_la\"\n  guidance_scale: \"1.0\"\n  resolution: 512\n  batch_size: 1\n  dynamic_resolution: false\n  la_strength: 1000\n  sampling_batch_size: 4\n").unwrap();
@@ -306,7 +306,9 @@ fn reference_config_files_train() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["settings"]["schedule"]["kind"], "cosine_with_restarts");
-    assert_eq!(v["settings"]["schedule"]["warmup"], 500);
+    // The config's own values, not the defaults (warm-up 7 here).
+    assert_eq!(v["settings"]["schedule"]["warmup"], 7);
+    assert_eq!(v["settings"]["adam"]["rule"], "adam-w-after");
     // Step 1 of the reference schedule runs at lr 0: the weights do not move
     // (up stays exactly 0 after the first of the two steps … and the file
     // holds the reference's metadata).

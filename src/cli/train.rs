@@ -113,8 +113,9 @@ pub struct TrainArgs {
     /// the shipped configs).
     #[arg(long)]
     fixed_resolution: bool,
-    #[arg(long, default_value_t = 30)]
-    max_denoising_steps: usize,
+    /// SPM trajectory steps N (the config's max_denoising_steps; 30).
+    #[arg(long)]
+    max_denoising_steps: Option<usize>,
     #[arg(long, value_enum, default_value = "diffusers")]
     esd_variant: Variant,
     /// ESD: erase the concept from this one (`--erase_from`).
@@ -137,9 +138,10 @@ pub struct TrainArgs {
     images: Option<PathBuf>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Save the file and a checkpoint every N steps (0 = only at the end).
-    #[arg(long, default_value_t = 500)]
-    save_every: usize,
+    /// Save the file and a checkpoint every N steps (0 = only at the end;
+    /// the config's save.per_steps; 500).
+    #[arg(long)]
+    save_every: Option<usize>,
     /// Render --sample-prompt grids every N steps (through spm generate).
     #[arg(long, default_value_t = 0)]
     sample_every: usize,
@@ -192,9 +194,11 @@ impl Observer for Bar {
 
 pub fn run(a: TrainArgs) -> Result<()> {
     let mut inputs = Vec::new();
+    let mut root = None;
     let (settings, model) = match &a.config {
         Some(c) => {
             let loaded = spm::train::config::load(c, a.prompts.as_deref())?;
+            root = Some((loaded.root.clone(), c.clone()));
             inputs.extend(loaded.files.iter().cloned());
             let model = a
                 .model
@@ -267,17 +271,29 @@ pub fn run(a: TrainArgs) -> Result<()> {
         fmn_images: a.fmn_images.max(1),
         fmn_image_dir: a.images,
         fmn_gen_steps: a.fmn_gen_steps.max(1),
-        max_denoising_steps: a.max_denoising_steps.max(2),
+        max_denoising_steps: a
+            .max_denoising_steps
+            .or(root.as_ref().map(|(r, _)| r.train.max_denoising_steps))
+            .unwrap_or(30)
+            .max(2),
         seed: a.seed,
         out: a.output.clone(),
-        save_every: a.save_every,
+        save_every: a
+            .save_every
+            .or(root.as_ref().map(|(r, _)| r.save.per_steps))
+            .unwrap_or(500),
         resume: a.resume,
         force: a.force,
         sample_every: a.sample_every,
         sample_prompts: a.sample_prompt,
         sample_steps: a.sample_steps,
         inputs,
+        prediction_type: None,
     };
+    let mut opts = opts;
+    if let Some((r, path)) = &root {
+        r.apply(&mut opts, path)?;
+    }
     opts.resolve()?;
     let bar = if std::io::stderr().is_terminal() && !a.json {
         indicatif::ProgressBar::new(0).with_style(

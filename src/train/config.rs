@@ -215,3 +215,69 @@ pub fn load(config: &Path, prompts: Option<&Path>) -> Result<Loaded> {
         files: vec![config.to_path_buf(), pf],
     })
 }
+
+impl RootConfig {
+    /// Fill what the command line left open from the config (a flag wins),
+    /// refusing the settings this trainer does not implement by name.
+    pub fn apply(&self, o: &mut super::run::TrainOptions, path: &Path) -> Result<()> {
+        use super::optim::Rule;
+        use super::schedule::Kind;
+        let t = &self.train;
+        let bad =
+            |field: &str, v: &str, why: &str| Error::key(path, field, format!("`{v}`: {why}"));
+        match t.precision.as_str() {
+            "float32" | "fp32" => {}
+            p => {
+                return Err(bad(
+                    "train.precision",
+                    p,
+                    "only float32 training is implemented",
+                ))
+            }
+        }
+        if t.noise_scheduler != "ddim" {
+            return Err(bad(
+                "train.noise_scheduler",
+                &t.noise_scheduler,
+                "the SPM loop samples with DDIM (the only value the shipped configs use)",
+            ));
+        }
+        let kind = match t.lr_scheduler.as_str() {
+            "constant" => Kind::Constant,
+            "constant_with_warmup" => Kind::ConstantWithWarmup,
+            "cosine" => Kind::Cosine,
+            "cosine_with_restarts" => Kind::CosineWithRestarts,
+            "linear" => Kind::Linear,
+            s => return Err(bad(
+                "train.lr_scheduler",
+                s,
+                "not one of constant, constant_with_warmup, cosine, cosine_with_restarts, linear",
+            )),
+        };
+        let rule = match t.optimizer_type.to_ascii_lowercase().as_str() {
+            "adamw8bit" => Rule::AdamWAfter,
+            "adamw" => Rule::AdamW,
+            "adam" => Rule::Adam,
+            s => {
+                return Err(bad(
+                    "train.optimizer_type",
+                    s,
+                    "not one of AdamW8bit, AdamW, Adam",
+                ))
+            }
+        };
+        o.iterations.get_or_insert(t.iterations);
+        o.lr.get_or_insert(t.lr);
+        o.schedule.get_or_insert(kind);
+        o.warmup.get_or_insert(t.lr_warmup_steps);
+        o.cycles.get_or_insert(t.lr_scheduler_num_cycles);
+        o.rule.get_or_insert(rule);
+        o.max_grad_norm.get_or_insert(t.max_grad_norm);
+        o.rank.get_or_insert(self.network.rank);
+        o.alpha.get_or_insert(self.network.alpha);
+        if self.pretrained_model.v_pred && o.prediction_type.is_none() {
+            o.prediction_type = Some("v_prediction".into());
+        }
+        Ok(())
+    }
+}

@@ -25,6 +25,8 @@ use crate::model::sd::{LoadSpec, StableDiffusion};
 pub struct TrainOptions {
     pub model: PathBuf,
     pub config_dir: Option<PathBuf>,
+    /// `epsilon` / `v_prediction` over the model's own (config `v_pred`).
+    pub prediction_type: Option<String>,
     pub device: Device,
     pub method: Method,
     /// SPM prompt settings (from `--concept` or `prompt.yaml`); the other
@@ -541,7 +543,7 @@ pub fn run(opts: &TrainOptions, obs: &dyn Observer, cancel: &AtomicBool) -> Resu
         device: opts.device.clone(),
         dtype: DType::F32,
         vae_encoder: opts.method == Method::Fmn && opts.fmn_image_dir.is_some(),
-        prediction_type: None,
+        prediction_type: opts.prediction_type.clone(),
         train: Some(train.clone()),
     };
     obs.note("loading the model");
