@@ -41,9 +41,12 @@ for k in order:
         runs = ", ".join(fmt(x, 2) for x in r["step_s"])
         m = r["peak_rss_mb"]
         bold = lambda x: f"**{x}**" if who == "spm-skip1" else x
-        print(f"| {k[0]} | {k[1]} | {k[2]} | {name} | {fmt(s)} ({parts}) | {runs} | "
+        mark = " †" if r.get("others_cores", 0) > 0.1 else ""
+        print(f"| {k[0]} | {k[1]} | {k[2]} | {name}{mark} | {fmt(s)} ({parts}) | {runs} | "
               f"{bold(fmt(s / ts, 2) + '×')} | {m:,.0f} | {bold(fmt(m / tm, 2) + '×')} |")
 
+print()
+print("† other processes used more than 0.1 core while this one ran (see others' CPU below).")
 print()
 print("| model | latent | method | step s skipped → computed | ratio | backward s skipped → computed | peak RSS MB skipped → computed | ratio |")
 print("|---|---|---|---|---|---|---|---|")
@@ -58,11 +61,12 @@ for k in order:
           f"{ma:,.0f} → {mb:,.0f} | {fmt(mb / ma, 2)}× |")
 
 print()
-print("| tag | rc | build s | warm-up s | RSS after build MB | VmHWM MB | GNU time %M MB | wall s | user s | sys s | load before → after | loss (first timed) |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+print("| tag | rc | build s | warm-up s | RSS after build MB | VmHWM MB | GNU time %M MB | wall s | user s | sys s | waited for quiet s | others' CPU s (cores) | load before → after | loss (first timed) |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for r in rows:
     g = r["gnu_time"]
     loss = r.get("loss") or [float("nan")]
     print(f"| {r['tag']} | {r['rc']} | {r.get('build_s', '–')} | {r.get('warmup_s', '–')} | {r.get('rss_after_build_mb', '–')} | "
-          f"{r.get('peak_rss_mb', '–')} | {g['max_rss_mb']} | {g['wall_s']} | {g['user_s']} | {g['sys_s']} | "
+          f"{r.get('peak_rss_mb', '–')} | {g['max_rss_mb']} | {g['wall_s']} | {g['user_s']} | {g['sys_s']} | {r.get('quiet_wait_s', '–')} | "
+          f"{r.get('others_cpu_s', '–')} ({r.get('others_cores', '–')}) | "
           f"{r['load_before']} → {r['load_after']} | {loss[0]:.4g} |")
