@@ -44,6 +44,10 @@ fn train(method: &str, lr: &str, out: &Path, extra: &[&str]) -> serde_json::Valu
             "2",
             "--fmn-gen-steps",
             "5",
+            "--max-denoising-steps",
+            "3",
+            "--esd-steps",
+            "4",
             "--json",
             "-o",
             p(out),
@@ -148,7 +152,7 @@ fn ctrl_c_then_resume_equals_an_uninterrupted_run() {
             "--method",
             "fmn",
             "--iterations",
-            "400",
+            "60",
             "--resolution",
             "64",
             "--lr",
@@ -172,7 +176,7 @@ fn ctrl_c_then_resume_equals_an_uninterrupted_run() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(std::time::Duration::from_secs(3));
+    std::thread::sleep(std::time::Duration::from_secs(2));
     unsafe {
         libc::kill(child.id() as i32, libc::SIGINT);
     }

@@ -118,6 +118,9 @@ pub struct TrainArgs {
     max_denoising_steps: Option<usize>,
     #[arg(long, value_enum, default_value = "diffusers")]
     esd_variant: Variant,
+    /// ESD: the sampler's steps for the trajectory (esd_sd.py: 50).
+    #[arg(long, default_value_t = 50)]
+    esd_steps: usize,
     /// ESD: erase the concept from this one (`--erase_from`).
     #[arg(long)]
     from: Option<String>,
@@ -266,6 +269,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         resolution: a.resolution,
         esd_variant: a.esd_variant,
         esd_from: a.from,
+        esd_steps: a.esd_steps.max(2),
         fmn_kind: a.fmn_kind,
         fmn_mask: a.fmn_mask,
         fmn_images: a.fmn_images.max(1),

@@ -49,6 +49,8 @@ pub struct TrainOptions {
     pub resolution: Option<usize>,
     pub esd_variant: Variant,
     pub esd_from: Option<String>,
+    /// ESD's sampler steps (esd_sd.py: 50; k is drawn below it).
+    pub esd_steps: usize,
     pub fmn_kind: Kind,
     pub fmn_mask: Mask,
     pub fmn_images: usize,
@@ -391,7 +393,7 @@ pub fn build_method(
                 variant: opts.esd_variant,
                 eta: r.eta,
                 guidance: 3.0,
-                steps: 50,
+                steps: opts.esd_steps,
                 latent: (r.resolution / 8, r.resolution / 8),
                 sched: sd.scheduler.clone(),
                 concept: embed(sd, &concept)?,
