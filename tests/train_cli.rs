@@ -21,6 +21,16 @@ fn spm() -> Command {
     Command::new(assert_cmd::cargo::cargo_bin("spm"))
 }
 
+/// 30 steps in release builds; 10 in unoptimised debug builds (CI's
+/// suite, also under wine), where candle runs ~10× slower.
+fn steps() -> &'static str {
+    if cfg!(debug_assertions) {
+        "10"
+    } else {
+        "30"
+    }
+}
+
 fn train(method: &str, lr: &str, out: &Path, extra: &[&str]) -> serde_json::Value {
     let o = spm()
         .args([
@@ -32,7 +42,7 @@ fn train(method: &str, lr: &str, out: &Path, extra: &[&str]) -> serde_json::Valu
             "--method",
             method,
             "--iterations",
-            "30",
+            steps(),
             "--resolution",
             "64",
             "--fixed-resolution",
