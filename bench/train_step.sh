@@ -10,7 +10,8 @@
 #        and tests share these 2 cores), at most that long.
 # Each result records the wait and the CPU time other processes used while
 # it ran (machine busy time from /proc/stat minus the process's own user +
-# sys): the summary marks runs where others took more than 0.1 core.
+# sys): the summary marks runs where others took more than 0.25 core
+# (about 0.1 core is this VM's background when nothing else runs).
 # For every model/latent and method: torch, spm (frozen-weight gradients
 # skipped, the default), spm with candle's stock backward (skip_frozen=0),
 # each in its own process (peak RSS per configuration), one warm-up step

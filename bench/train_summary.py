@@ -41,12 +41,12 @@ for k in order:
         runs = ", ".join(fmt(x, 2) for x in r["step_s"])
         m = r["peak_rss_mb"]
         bold = lambda x: f"**{x}**" if who == "spm-skip1" else x
-        mark = " †" if r.get("others_cores", 0) > 0.1 else ""
+        mark = " †" if r.get("others_cores", 0) > 0.25 else ""
         print(f"| {k[0]} | {k[1]} | {k[2]} | {name}{mark} | {fmt(s)} ({parts}) | {runs} | "
               f"{bold(fmt(s / ts, 2) + '×')} | {m:,.0f} | {bold(fmt(m / tm, 2) + '×')} |")
 
 print()
-print("† other processes used more than 0.1 core while this one ran (see others' CPU below).")
+print("† other processes used more than 0.25 core while this one ran (see others' CPU below).")
 print()
 print("| model | latent | method | step s skipped → computed | ratio | backward s skipped → computed | peak RSS MB skipped → computed | ratio |")
 print("|---|---|---|---|---|---|---|---|")

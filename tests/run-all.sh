@@ -10,8 +10,13 @@ if [ ! -x .venv-test/bin/python ]; then
     echo "== creating .venv-test"
     "$PY" -m venv .venv-test
 fi
+# --no-cache-dir: torch's wheel and its CUDA libraries are ~5 GB installed;
+# pip's cache would keep a second, compressed copy (~3 GB) that no later
+# step reads. `df` first, so a disk-full failure shows what was free.
+echo "== free disk before installing: $(df -h . | awk 'NR==2 {print $4}')"
 echo "== installing test dependencies (pytest numpy safetensors torch)"
-.venv-test/bin/python -m pip install -q --disable-pip-version-check pytest numpy safetensors torch
+.venv-test/bin/python -m pip install -q --no-cache-dir --disable-pip-version-check \
+    pytest numpy safetensors torch
 
 echo "== cargo test"
 cargo test
