@@ -16,6 +16,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::adapter::{Adapter, Module};
 use crate::error::{Error, Result};
 use crate::io::output::{check_folder_replace, AtomicDir, AtomicFile};
+use crate::io::positioned::{read_at, write_at};
 use crate::io::safetensors::{encode_header, read_header, Header, TensorInfo};
 
 use crate::schemes::{Arch, Component, ModuleSpec};
@@ -666,55 +667,6 @@ fn preallocate(file: &File, len: u64) {
 #[cfg(not(target_os = "linux"))]
 fn preallocate(file: &File, len: u64) {
     let _ = file.set_len(len);
-}
-
-// Positioned I/O, so that the copying thread and the weight worker can share
-// the two files without sharing a cursor. Unix has pread/pwrite; Windows'
-// seek_read/seek_write take the offset per call too (they also move the
-// handle's cursor, which no caller here relies on).
-
-#[cfg(unix)]
-fn read_at(f: &File, buf: &mut [u8], off: u64) -> std::io::Result<()> {
-    std::os::unix::fs::FileExt::read_exact_at(f, buf, off)
-}
-
-#[cfg(unix)]
-fn write_at(f: &File, buf: &[u8], off: u64) -> std::io::Result<()> {
-    std::os::unix::fs::FileExt::write_all_at(f, buf, off)
-}
-
-#[cfg(windows)]
-fn read_at(f: &File, mut buf: &mut [u8], mut off: u64) -> std::io::Result<()> {
-    use std::os::windows::fs::FileExt;
-    while !buf.is_empty() {
-        match f.seek_read(buf, off) {
-            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => {
-                buf = &mut buf[n..];
-                off += n as u64;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-#[cfg(windows)]
-fn write_at(f: &File, mut buf: &[u8], mut off: u64) -> std::io::Result<()> {
-    use std::os::windows::fs::FileExt;
-    while !buf.is_empty() {
-        match f.seek_write(buf, off) {
-            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(n) => {
-                buf = &buf[n..];
-                off += n as u64;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 /// Copy `len` bytes at `from_off` of `from` to `to_off` of `to`. On Linux

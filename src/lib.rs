@@ -13,7 +13,8 @@
 //! - [`schemes`]: module inventories (data in `converters/`), key grammar of
 //!   every naming scheme.
 //! - [`adapter`]: a file resolved into modules of an architecture.
-//! - [`inspect`], [`convert`], [`merge`], [`bake`]: the commands' logic.
+//! - [`inspect`], [`convert`], [`merge`], [`bake`], [`extract`]: the
+//!   commands' logic.
 //! - [`transport`]: Facilitated Transport (tokenizer, CLIP text encoder,
 //!   WebUI prompt syntax, optional strict folding, the gate formula) and
 //!   [`serve`], its HTTP sidecar.
@@ -38,6 +39,7 @@ pub mod adapter;
 pub mod bake;
 pub mod convert;
 pub mod error;
+pub mod extract;
 pub mod generate;
 pub mod inspect;
 pub mod io;

@@ -273,6 +273,8 @@ enum Command {
     Generate(cli::generate::GenerateArgs),
     /// Train an eraser: SPM with Latent Anchoring, ESD or Forget-Me-Not.
     Train(Box<cli::train::TrainArgs>),
+    /// Extract a LoRA from a fine-tuned checkpoint (ESD, Forget-Me-Not, …) by SVD.
+    Extract(Box<cli::extract::ExtractArgs>),
     /// Run the local FT sidecar: an HTTP daemon the WebUI extension asks for gates.
     ///
     /// Binds to 127.0.0.1 by default. Endpoints: GET /healthz,
@@ -762,6 +764,7 @@ fn run(cmd: Command) -> Result<()> {
         }
         Command::Generate(args) => cli::generate::run(args),
         Command::Train(args) => cli::train::run(*args),
+        Command::Extract(args) => cli::extract::run(*args),
         Command::Serve {
             host,
             port,

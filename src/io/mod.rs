@@ -1,8 +1,10 @@
 //! File I/O: the safetensors container (zero-copy reads, streamed writes),
 //! PyTorch pickles read as data, and atomic output.
 
+pub mod lazy;
 pub mod output;
 pub mod pickle;
+pub mod positioned;
 pub mod safetensors;
 pub mod tensor;
 

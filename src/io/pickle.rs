@@ -42,7 +42,7 @@ pub fn read_state_dict(path: &Path) -> Result<Vec<(String, RawTensor)>> {
         .collect()
 }
 
-fn to_raw(t: &Tensor) -> std::result::Result<RawTensor, String> {
+pub(crate) fn to_raw(t: &Tensor) -> std::result::Result<RawTensor, String> {
     let shape = t.dims().to_vec();
     let flat = t.flatten_all().map_err(|e| e.to_string())?;
     let err = |e: candle_core::Error| e.to_string();
