@@ -207,7 +207,8 @@ impl Adapter {
             for m in &mut modules {
                 if m.alpha.is_none() {
                     let spec = &inv.modules[m.index];
-                    if let Some((v, dtype)) = table.alpha_for(spec.component, &spec.path) {
+                    if let Some((v, dtype)) = table.alpha_for(spec.component, &spec.path, m.rank())
+                    {
                         m.alpha = Some(RawTensor::scalar(dtype, v));
                     }
                 }
@@ -540,8 +541,9 @@ pub fn has_standard_dims(inv: &Inventory, m: &Module) -> bool {
 }
 
 /// Alphas stored in PEFT metadata (`lora_adapter_metadata`).
-/// Default alpha and (pattern, alpha) overrides of one PEFT component.
-type AlphaRules = (Option<f64>, Vec<(String, f64)>);
+/// Default alpha, (pattern, alpha) overrides and `use_rslora` of one PEFT
+/// component.
+type AlphaRules = (Option<f64>, Vec<(String, f64)>, bool);
 
 pub struct PeftAlphas {
     /// Per component prefix (`unet`, `text_encoder`, …).
@@ -550,17 +552,32 @@ pub struct PeftAlphas {
 }
 
 impl PeftAlphas {
-    fn alpha_for(&self, c: Component, path: &str) -> Option<(f64, crate::io::tensor::Dtype)> {
-        let (default, patterns) = self.per_component.get(c.dotted_prefix())?;
+    /// The kohya-convention alpha (scale = alpha / rank) of a module of
+    /// rank `rank`. rsLoRA scales by alpha/√rank instead, which kohya's
+    /// convention expresses as alpha·√rank; the dtype is then F32, since
+    /// √rank is rarely a whole number.
+    fn alpha_for(
+        &self,
+        c: Component,
+        path: &str,
+        rank: Option<usize>,
+    ) -> Option<(f64, crate::io::tensor::Dtype)> {
+        let (default, patterns, rslora) = self.per_component.get(c.dotted_prefix())?;
         let short = path.trim_start_matches("text_model.");
-        for (pat, v) in patterns {
-            for p in [path, short] {
-                if p == pat || p.ends_with(&format!(".{pat}")) {
-                    return Some((*v, self.dtype));
-                }
-            }
+        let found = patterns
+            .iter()
+            .find(|(pat, _)| {
+                [path, short]
+                    .iter()
+                    .any(|p| p == pat || p.ends_with(&format!(".{pat}")))
+            })
+            .map(|(_, v)| *v)
+            .or(*default)?;
+        if *rslora {
+            let r = rank? as f64;
+            return Some((found * r.sqrt(), crate::io::tensor::Dtype::F32));
         }
-        default.map(|v| (v, self.dtype))
+        Some((found, self.dtype))
     }
 }
 
@@ -606,13 +623,7 @@ fn peft_alpha_table(
                     }
                 }
             }
-            "use_rslora" if val.as_bool() == Some(true) => {
-                return Err(Error::key(
-                    path,
-                    "__metadata__.lora_adapter_metadata",
-                    "use_rslora adapters (scale alpha/sqrt(r)) are not supported yet",
-                ));
-            }
+            "use_rslora" => entry.2 = val.as_bool() == Some(true),
             _ => {}
         }
     }

@@ -39,6 +39,9 @@ pub struct ConvertOptions {
     pub allow_unknown: bool,
     /// `modelspec.title` / `ss_output_name` (the output file stem).
     pub title: String,
+    /// PEFT output: fold alpha/r into `lora_B` and write alpha = r, so the
+    /// file means the same to a loader that ignores the header's alphas.
+    pub peft_fold_alpha: bool,
 }
 
 /// The output of a conversion, before it is written.
@@ -231,6 +234,15 @@ fn prepare(m: &Module, kind: Kind, opts: &ConvertOptions) -> Module {
                 m.up = m.up.map(|u| scale_tensor(&u, w));
             }
             Curve::Linear => m.up = m.up.map(|u| scale_tensor(&u, w)),
+        }
+    }
+    if opts.peft_fold_alpha && opts.to == Scheme::Peft {
+        if let (Some(scale), Some(r)) = (m.scale(), m.rank()) {
+            if scale != 1.0 {
+                m.up = m.up.map(|u| scale_tensor(&u, scale as f32));
+            }
+            let dt = m.alpha.as_ref().map(|a| a.dtype).unwrap_or(Dtype::F32);
+            m.alpha = Some(RawTensor::scalar(dt, r as f64));
         }
     }
     if let Some(dt) = opts.dtype {

@@ -162,6 +162,11 @@ enum Command {
         /// Drop keys that map to no module instead of failing.
         #[arg(long)]
         allow_unknown: bool,
+        /// With --to peft: fold alpha/r into lora_B and write alpha = r, so loaders that
+        /// ignore the header's lora_adapter_metadata (diffusers' `load_lora_adapter(path)`
+        /// without `weight_name`) still apply the right scale.
+        #[arg(long)]
+        peft_fold_alpha: bool,
         /// Replace an existing output file (never an input, never a folder).
         #[arg(long)]
         force: bool,
@@ -533,9 +538,15 @@ fn run(cmd: Command) -> Result<()> {
             curve,
             allow_lossy,
             allow_unknown,
+            peft_fold_alpha,
             force,
             json,
         } => {
+            if peft_fold_alpha && to != Scheme::Peft {
+                return Err(spm::Error::usage(
+                    "--peft-fold-alpha applies to --to peft only",
+                ));
+            }
             check_output(&output, &[&input], OutputKind::File, force)?;
             let ad = Adapter::load(&input, arch.get())?;
             info!(
@@ -552,6 +563,7 @@ fn run(cmd: Command) -> Result<()> {
                 allow_lossy,
                 allow_unknown,
                 title: stem(&output),
+                peft_fold_alpha,
             };
             let r = convert::convert(&ad, &opts)?;
             let size = write_file(&output, &r.metadata, &r.tensors)?;
@@ -625,6 +637,7 @@ fn run(cmd: Command) -> Result<()> {
                 allow_lossy: false,
                 allow_unknown: false,
                 title: stem(&output),
+                peft_fold_alpha: false,
             };
             let r = convert::render(
                 adapters[0].arch,

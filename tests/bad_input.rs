@@ -339,6 +339,7 @@ fn mutated_files_never_panic() {
                 allow_lossy: true,
                 allow_unknown: true,
                 title: "t".into(),
+                peft_fold_alpha: true,
             };
             let _ = spm::convert::convert(&a, &opts);
             let _ = spm::merge::merge(

@@ -207,7 +207,10 @@ fn print_text(r: &Report, out: &std::path::Path, bytes: u64) {
         _ => "base check: FAILED, overridden by --force-base".into(),
     };
     println!("  {check}");
-    println!("  {:<72} {:>5} {:>10} {:>8} {:>9}", "layer", "rank", "‖ΔW‖", "kept", "residual");
+    println!(
+        "  {:<72} {:>5} {:>10} {:>8} {:>9}",
+        "layer", "rank", "‖ΔW‖", "kept", "residual"
+    );
     for m in &r.modules {
         println!(
             "  {:<72} {:>5} {:>10.3e} {:>7.2}% {:>9.2e}",
@@ -218,7 +221,10 @@ fn print_text(r: &Report, out: &std::path::Path, bytes: u64) {
             m.residual
         );
     }
-    println!("  worst residual ‖ΔW − up·down‖/‖ΔW‖ = {:.3e}", r.max_residual);
+    println!(
+        "  worst residual ‖ΔW − up·down‖/‖ΔW‖ = {:.3e}",
+        r.max_residual
+    );
     if !r.dropped.is_empty() {
         println!(
             "  not carried by a LoRA: {} differing tensors (biases, norms, other layers), ‖Δ‖_F = {:.3e} together:",

@@ -1,3 +1,3 @@
+pub mod extract;
 pub mod generate;
 pub mod train;
-pub mod extract;

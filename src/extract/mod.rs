@@ -296,8 +296,7 @@ pub fn extract(
         }
         let out = t.shape[0];
         let cols = delta.len() / out;
-        let f = factor(&delta, out, cols, opts)
-            .map_err(|m| Error::key(tuned_path, &key, m))?;
+        let f = factor(&delta, out, cols, opts).map_err(|m| Error::key(tuned_path, &key, m))?;
         let kind = match (t.shape.len(), t.shape.get(2).copied()) {
             (4, Some(k)) if k > 1 => "conv3x3",
             (4, _) => "conv1x1",
@@ -358,6 +357,7 @@ pub fn extract(
             allow_lossy: false,
             allow_unknown: false,
             title: opts.title.clone(),
+            peft_fold_alpha: false,
         },
     )?;
     // A fold from +0.0: an empty f64 `sum()` is −0.0.

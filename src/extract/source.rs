@@ -133,8 +133,8 @@ impl Checkpoint {
                 "two keys name the same UNet tensor (diffusers and LDM spellings mixed?)",
             ));
         }
-        let dtype = crate::adapter::most_common(tensors.iter().map(|(_, t)| t.dtype))
-            .expect("non-empty");
+        let dtype =
+            crate::adapter::most_common(tensors.iter().map(|(_, t)| t.dtype)).expect("non-empty");
         Ok(Checkpoint {
             path: path.to_path_buf(),
             layout,

@@ -107,7 +107,11 @@ pub fn list(path: &Path) -> Result<Vec<LazyTensor>> {
 }
 
 fn list_pickle(path: &Path, shared: Arc<PathBuf>) -> Result<Vec<LazyTensor>> {
-    let open = |key: Option<&str>| PthTensors::new(path, key).ok().filter(|p| !p.tensor_infos().is_empty());
+    let open = |key: Option<&str>| {
+        PthTensors::new(path, key)
+            .ok()
+            .filter(|p| !p.tensor_infos().is_empty())
+    };
     let pth = open(None).or_else(|| open(Some("state_dict"))).ok_or_else(|| {
         Error::file(
             path,

@@ -52,4 +52,3 @@ pub fn write_at(f: &File, mut buf: &[u8], mut off: u64) -> std::io::Result<()> {
     }
     Ok(())
 }
-
