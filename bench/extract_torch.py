@@ -107,6 +107,7 @@ def main():
             out_dim, in_dim = shape[0], shape[1]
             m = mat.reshape(out_dim, -1)
             r = min(a.rank, out_dim, in_dim)
+            ts = time.perf_counter()
             U, S, Vh = torch.linalg.svd(m, full_matrices=not a.thin)
             up = U[:, :r] * S[:r]
             down = Vh[:r].clone()  # not a view: it would keep the whole Vh alive
@@ -121,7 +122,8 @@ def main():
                 rec, res = S[:r].norm().item(), S[r:].norm().item()
             report.append({"path": path, "kind": kind, "rank": r, "max_rank": min(out_dim, m.shape[1]),
                            "delta_fro": fro, "kept": rec / fro if fro else 0.0,
-                           "residual": res / fro if fro else 0.0})
+                           "residual": res / fro if fro else 0.0,
+                           "svd_s": round(time.perf_counter() - ts, 4)})
             if conv:
                 up = up.reshape(out_dim, r, 1, 1)
                 down = down.reshape(r, in_dim, *shape[2:])

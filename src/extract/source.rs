@@ -71,6 +71,16 @@ impl Checkpoint {
             all.extend(lazy::list(f)?);
         }
         lazy::index(&all)?;
+        if !all.is_empty()
+            && all
+                .iter()
+                .all(|t| t.key.contains("lora") || t.key.ends_with(".alpha"))
+        {
+            return Err(Error::file(
+                path,
+                "is a LoRA/adapter file, not a model: extract takes two checkpoints (full or partial); `spm inspect` reads adapters",
+            ));
+        }
         let ldm = all
             .iter()
             .any(|t| t.key.starts_with("model.diffusion_model."));
