@@ -608,8 +608,13 @@ fn peft_alpha_table(
     })?;
     let mut per_component: BTreeMap<String, AlphaRules> = BTreeMap::new();
     for (k, val) in obj {
-        let Some((comp, field)) = k.split_once('.') else {
-            continue;
+        // diffusers' pipelines prefix each field with its component
+        // (`unet.lora_alpha`); `UNet2DConditionModel.save_lora_adapter`
+        // writes the bare LoraConfig (`lora_alpha`), which is the UNet's.
+        let (comp, field) = match k.split_once('.') {
+            Some((c, f)) if ["unet", "text_encoder", "text_encoder_2"].contains(&c) => (c, f),
+            Some(_) => continue,
+            None => ("unet", k.as_str()),
         };
         let entry = per_component.entry(comp.to_string()).or_default();
         match field {
