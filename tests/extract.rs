@@ -384,3 +384,168 @@ fn module_sets_and_schemes() {
         assert_eq!(v["modules"], 64);
     }
 }
+
+// ------------------------------------------------------------------------
+// Against torch (fixtures/data/extract, make_extract_fixtures.py)
+// ------------------------------------------------------------------------
+
+fn oracle() -> (common::Loaded, Value) {
+    let t = load(&fixture("extract/expected.safetensors"));
+    let j: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("extract/expected.json")).unwrap())
+            .unwrap();
+    (t, j)
+}
+
+fn norm(v: &[f64]) -> f64 {
+    v.iter().map(|x| x * x).sum::<f64>().sqrt()
+}
+
+/// Run extract on a fixture tuned file and check every module's
+/// reconstruction against torch.linalg.svd's at the rank it kept, the
+/// report's numbers against torch's, and the set counts.
+fn against_torch(tuned: &str, variant: &str, set: &str, rule: &[&str], rule_name: Option<&str>) {
+    let (exp, j) = oracle();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("lora.safetensors");
+    let mut args = vec![
+        "--base".to_string(),
+        p(&base_dir()).to_string(),
+        "--tuned".into(),
+        p(&fixture(&format!("extract/{tuned}"))).into(),
+        "-o".into(),
+        p(&out).into(),
+        "--modules".into(),
+        set.into(),
+    ];
+    args.extend(rule.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let r = extract_json(&args);
+    let v = &j["variants"][variant];
+    let want = &v["sets"][set];
+    for k in ["selected", "extracted", "skipped_zero", "absent"] {
+        assert_eq!(r[k], want[k], "{tuned} {set} {rule:?}: {k}");
+    }
+    let dropped: Vec<&Value> = r["dropped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| &d["key"])
+        .collect();
+    let want_dropped: Vec<&Value> = want["dropped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| &d["key"])
+        .collect();
+    let mut a = dropped.clone();
+    let mut b = want_dropped.clone();
+    a.sort_by_key(|v| v.to_string());
+    b.sort_by_key(|v| v.to_string());
+    assert_eq!(a, b, "dropped tensors");
+    assert!(
+        (r["dropped_fro"].as_f64().unwrap() - want["dropped_fro"].as_f64().unwrap()).abs() < 1e-6
+    );
+
+    let l = load(&out);
+    let ms = common::modules(&l);
+    for m in r["modules"].as_array().unwrap() {
+        let path = m["path"].as_str().unwrap();
+        let e = &v["modules"][path];
+        let rank = m["rank"].as_u64().unwrap();
+        if let Some(rn) = rule_name {
+            assert_eq!(m["rank"], e["dynamic"][rn], "{path}: {rn} rank");
+        }
+        let rk = rank.to_string();
+        // The report's fractions are torch's (f32 arithmetic vs float64).
+        let res = e["residual"][&rk].as_f64().unwrap();
+        let kept = e["kept"][&rk].as_f64().unwrap();
+        assert!(
+            (m["residual"].as_f64().unwrap() - res).abs() < 1e-4,
+            "{path} r{rk}: residual {} vs {res}",
+            m["residual"]
+        );
+        assert!(
+            (m["kept"].as_f64().unwrap() - kept).abs() < 1e-4,
+            "{path} r{rk}: kept"
+        );
+        let name = format!("lora_unet_{}", path.replace('.', "_"));
+        let f = &ms[&name];
+        let got = common::delta(&f["lora_down.weight"], &f["lora_up.weight"], f.get("alpha"));
+        let key = format!("{variant}/r{rk}/{path}");
+        let Some(t) = exp.tensors.get(&key) else {
+            // Full rank: torch's reconstruction is ΔW itself (not stored).
+            assert_eq!(rank, e["max_rank"].as_u64().unwrap(), "{key} missing");
+            continue;
+        };
+        let want = t.values();
+        let diff: Vec<f64> = got.iter().zip(&want).map(|(a, b)| a - b).collect();
+        let s0 = e["singular_values"][0].as_f64().unwrap();
+        let amb = e["truncation_gap"][&rk]["f32_ambiguity"]
+            .as_f64()
+            .unwrap_or(0.0);
+        let tol = 1e-5 * norm(&want) + 4.0 * amb * s0;
+        assert!(
+            norm(&diff) <= tol,
+            "{key}: ‖ours − torch‖ = {:.3e} > {tol:.3e} (‖torch‖ = {:.3e})",
+            norm(&diff),
+            norm(&want)
+        );
+    }
+}
+
+#[test]
+fn fixed_ranks_match_torch_svd_in_every_layout() {
+    for (file, variant) in [
+        ("tuned_full.pt", "full"),
+        ("tuned_ldm.safetensors", "full"),
+        ("tuned_partial_bf16.safetensors", "partial_bf16"),
+    ] {
+        for rank in ["1", "3"] {
+            against_torch(file, variant, "all", &["--rank", rank], None);
+        }
+    }
+    against_torch("tuned_full.pt", "full", "attn2", &["--rank", "3"], None);
+    against_torch(
+        "tuned_full.pt",
+        "full",
+        "transformer",
+        &["--rank", "3"],
+        None,
+    );
+}
+
+#[test]
+fn dynamic_ranks_follow_kohyas_formulas() {
+    for (flag, value, name) in [
+        ("--sv-ratio", "10", "sv_ratio"),
+        ("--sv-fro", "0.9", "sv_fro"),
+        ("--sv-cumulative", "0.9", "sv_cumulative"),
+    ] {
+        against_torch(
+            "tuned_full.pt",
+            "full",
+            "all",
+            &[flag, value, "--rank", "8"],
+            Some(name),
+        );
+    }
+}
+
+#[test]
+fn ema_like_base_fires_the_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("lora.safetensors");
+    let err = extract_err(&[
+        "--base",
+        p(&fixture("extract/base_ema.safetensors")),
+        "--tuned",
+        p(&fixture("extract/tuned_full.pt")),
+        "-o",
+        p(&out),
+    ]);
+    assert!(
+        err.contains("base mismatch") && err.contains("base_ema.safetensors"),
+        "{err}"
+    );
+}

@@ -46,7 +46,11 @@ fn check(case: &str, fold: bool) {
         // The header now says scale 1 everywhere: alpha = r, no patterns.
         let l = load(&folded);
         let md: Value = serde_json::from_str(&l.metadata["lora_adapter_metadata"]).unwrap();
-        assert_eq!(md["unet.lora_alpha"].as_f64(), md["unet.r"].as_f64(), "{md}");
+        assert_eq!(
+            md["unet.lora_alpha"].as_f64(),
+            md["unet.r"].as_f64(),
+            "{md}"
+        );
         for (k, a) in md["unet.alpha_pattern"].as_object().unwrap() {
             assert_eq!(a.as_f64(), md["unet.rank_pattern"][k].as_f64(), "{md}");
         }

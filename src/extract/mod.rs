@@ -558,23 +558,25 @@ fn factor(
     cols: usize,
     opts: &ExtractOptions,
 ) -> std::result::Result<Factors, String> {
-    let a = Mat::<f32>::from_fn(rows, cols, |i, j| delta[i * cols + j]);
+    // In f64: faer's f32 SVD reconstructs a rank-3 ΔW only to ~2e-5
+    // (relative), f64 to torch's float64 result within f32 rounding.
+    let a = Mat::<f64>::from_fn(rows, cols, |i, j| delta[i * cols + j] as f64);
     let svd = a
         .thin_svd()
         .map_err(|e| format!("the SVD did not converge ({e:?})"))?;
-    let s: Vec<f32> = svd.S().column_vector().iter().copied().collect();
+    let s: Vec<f64> = svd.S().column_vector().iter().copied().collect();
     let r = opts.rule.rank(&s, opts.rank);
     let (u, v) = (svd.U(), svd.V());
     let mut up = vec![0f32; rows * r];
     for i in 0..rows {
         for k in 0..r {
-            up[i * r + k] = u[(i, k)] * s[k];
+            up[i * r + k] = (u[(i, k)] * s[k]) as f32;
         }
     }
     let mut down = vec![0f32; r * cols];
     for k in 0..r {
         for j in 0..cols {
-            down[k * cols + j] = v[(j, k)];
+            down[k * cols + j] = v[(j, k)] as f32;
         }
     }
     drop(svd);
@@ -586,7 +588,7 @@ fn factor(
         // spectrum's tail exactly (Eckart–Young); summing the tail (not
         // subtracting the head from the total) keeps a tiny residual accurate.
         None => {
-            let sq = |v: &[f32]| v.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
+            let sq = |v: &[f64]| v.iter().map(|&x| x * x).sum::<f64>();
             (sq(&s[..r]).sqrt(), sq(&s[r..]).sqrt())
         }
         // Clamped factors are no longer a truncation: measure them, a block

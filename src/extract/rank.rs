@@ -44,7 +44,7 @@ impl Rule {
 
     /// The rank for singular values `s` (descending) with cap `cap` (the
     /// fixed rank, or resize_lora's `--new_rank` for a dynamic rule).
-    pub fn rank(self, s: &[f32], cap: usize) -> usize {
+    pub fn rank(self, s: &[f64], cap: usize) -> usize {
         let n = s.len();
         if n == 0 {
             return 0;
@@ -53,13 +53,11 @@ impl Rule {
         let index = match self {
             Rule::Fixed => return cap,
             Rule::SvRatio(p) => {
-                let min = s[0] as f64 / p;
-                s.iter().filter(|&&v| v as f64 > min).count()
+                let min = s[0] / p;
+                s.iter().filter(|&&v| v > min).count()
             }
-            Rule::SvCumulative(p) => searchsorted_fraction(s.iter().map(|&v| v as f64), p) + 1,
-            Rule::SvFro(p) => {
-                searchsorted_fraction(s.iter().map(|&v| (v as f64) * (v as f64)), p * p) + 1
-            }
+            Rule::SvCumulative(p) => searchsorted_fraction(s.iter().copied(), p) + 1,
+            Rule::SvFro(p) => searchsorted_fraction(s.iter().map(|&v| v * v), p * p) + 1,
         };
         // resize_lora: index = max(1, min(index, len(S) - 1)); rank = index + 1.
         let index = index.min(n.saturating_sub(1)).max(1);
