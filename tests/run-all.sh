@@ -14,9 +14,9 @@ fi
 # pip's cache would keep a second, compressed copy (~3 GB) that no later
 # step reads. `df` first, so a disk-full failure shows what was free.
 echo "== free disk before installing: $(df -h . | awk 'NR==2 {print $4}')"
-echo "== installing test dependencies (pytest numpy safetensors torch)"
+echo "== installing test dependencies (pytest numpy safetensors torch; diffusers peft for tests/oracle)"
 .venv-test/bin/python -m pip install -q --no-cache-dir --disable-pip-version-check \
-    pytest numpy safetensors torch
+    pytest numpy safetensors torch diffusers==0.42.1 peft==0.21.2 transformers
 
 echo "== cargo test"
 cargo test
@@ -26,3 +26,7 @@ cargo test
 # ten minutes on two cores (SPM_BIN=target/release/spm to use one).
 echo "== pytest extension/tests (against target/debug/spm)"
 SPM_BIN="${SPM_BIN:-$ROOT/target/debug/spm}" .venv-test/bin/python -m pytest -q -rs extension/tests
+
+# spm extract's output loaded by diffusers + peft themselves (tiny SD1 UNet).
+echo "== pytest tests/oracle (diffusers/peft load what spm extract wrote)"
+SPM_BIN="${SPM_BIN:-$ROOT/target/debug/spm}" HF_HUB_OFFLINE=1 .venv-test/bin/python -m pytest -q -rs tests/oracle
