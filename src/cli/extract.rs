@@ -179,12 +179,17 @@ pub fn run(a: ExtractArgs) -> Result<()> {
     Ok(())
 }
 
+/// The text report, written in one go; a closed pipe (`| head`) ends it
+/// quietly instead of panicking in `println!`.
 fn print_text(r: &Report, out: &std::path::Path, bytes: u64) {
+    use std::fmt::Write as _;
+    let mut o = String::new();
     let rule = match r.rule.param {
         Some(p) => format!("{} {p} (cap {})", r.rule.kind, r.rule.rank),
         None => format!("rank {}", r.rule.rank),
     };
-    println!(
+    writeln!(
+        o,
         "{} ({}) − {} ({}) → {} ({}, {}, {bytes} bytes)",
         r.tuned,
         r.tuned_layout.describe(),
@@ -193,11 +198,12 @@ fn print_text(r: &Report, out: &std::path::Path, bytes: u64) {
         out.display(),
         r.scheme,
         r.arch
-    );
-    println!(
+    )
+    .ok();
+    writeln!(o,
         "  {} of {} target layers extracted ({rule}); {} identical to the base, {} not in the tuned file",
         r.extracted, r.selected, r.skipped_zero, r.absent
-    );
+    ).ok();
     let check = match r.base_check.verdict {
         "ok" => format!(
             "base check: {} of {} untouched-candidate tensors equal the base",
@@ -206,43 +212,53 @@ fn print_text(r: &Report, out: &std::path::Path, bytes: u64) {
         "partial-file" => "base check: not possible — the tuned file holds only trained tensors; make sure the base is the model it was trained from".into(),
         _ => "base check: FAILED, overridden by --force-base".into(),
     };
-    println!("  {check}");
-    println!(
+    writeln!(o, "  {check}").ok();
+    writeln!(
+        o,
         "  {:<72} {:>5} {:>10} {:>8} {:>9}",
         "layer", "rank", "‖ΔW‖", "kept", "residual"
-    );
+    )
+    .ok();
     for m in &r.modules {
-        println!(
+        writeln!(
+            o,
             "  {:<72} {:>5} {:>10.3e} {:>7.2}% {:>9.2e}",
             m.path,
             m.rank,
             m.delta_fro,
             100.0 * m.kept,
             m.residual
-        );
+        )
+        .ok();
     }
-    println!(
+    writeln!(
+        o,
         "  worst residual ‖ΔW − up·down‖/‖ΔW‖ = {:.3e}",
         r.max_residual
-    );
+    )
+    .ok();
     if !r.dropped.is_empty() {
-        println!(
+        writeln!(o,
             "  not carried by a LoRA: {} differing tensors (biases, norms, other layers), ‖Δ‖_F = {:.3e} together:",
             r.dropped.len(),
             r.dropped_fro
-        );
+        ).ok();
         for d in r.dropped.iter().take(10) {
-            println!("    {} (‖Δ‖ = {:.3e})", d.key, d.delta_fro);
+            writeln!(o, "    {} (‖Δ‖ = {:.3e})", d.key, d.delta_fro).ok();
         }
         if r.dropped.len() > 10 {
-            println!("    … {} more (all in --json)", r.dropped.len() - 10);
+            writeln!(o, "    … {} more (all in --json)", r.dropped.len() - 10).ok();
         }
     }
     if !r.unmatched.is_empty() {
-        println!(
+        writeln!(
+            o,
             "  {} tuned tensors are not in the base and were ignored (first: {})",
             r.unmatched.len(),
             r.unmatched[0]
-        );
+        )
+        .ok();
     }
+    use std::io::Write as _;
+    let _ = std::io::stdout().lock().write_all(o.as_bytes());
 }
