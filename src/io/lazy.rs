@@ -79,12 +79,7 @@ pub fn list(path: &Path) -> Result<Vec<LazyTensor>> {
         return Err(Error::file(path, "is a folder, expected a file"));
     }
     let shared = Arc::new(path.to_path_buf());
-    let ext = path
-        .extension()
-        .and_then(|e| e.to_str())
-        .unwrap_or("")
-        .to_ascii_lowercase();
-    if matches!(ext.as_str(), "pt" | "ckpt" | "bin" | "pth") {
+    if super::is_pickle(path) {
         return list_pickle(path, shared);
     }
     let header = read_header(path)?;

@@ -31,6 +31,17 @@ pub struct TensorFile {
     pub file_size: u64,
 }
 
+/// Whether `path` names a PyTorch pickle (`.pt`/`.ckpt`/`.bin`/`.pth`),
+/// which is read as data; anything else is taken for safetensors.
+pub fn is_pickle(path: &Path) -> bool {
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    matches!(ext.as_str(), "pt" | "ckpt" | "bin" | "pth")
+}
+
 /// Open a LoRA/SPM file: `.safetensors`, or a pickled `.pt`/`.ckpt`/`.bin`.
 pub fn open_tensor_file(path: &Path) -> Result<TensorFile> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
@@ -40,12 +51,7 @@ pub fn open_tensor_file(path: &Path) -> Result<TensorFile> {
             "is a folder, expected a .safetensors or .pt file",
         ));
     }
-    let ext = path
-        .extension()
-        .and_then(|e| e.to_str())
-        .unwrap_or("")
-        .to_ascii_lowercase();
-    if matches!(ext.as_str(), "pt" | "ckpt" | "bin" | "pth") {
+    if is_pickle(path) {
         return Ok(TensorFile {
             path: path.to_path_buf(),
             container: Container::Pickle,
