@@ -110,8 +110,8 @@ enum ArchChoice {
 }
 
 fn fraction(s: &str) -> std::result::Result<f64, String> {
-    let v: f64 = s.parse().map_err(|_| format!("`{s}` is not a number"))?;
-    if v.is_finite() && v > 0.0 && v <= 1.0 {
+    let v: f64 = crate::finite(s)?;
+    if v > 0.0 && v <= 1.0 {
         Ok(v)
     } else {
         Err(format!("{s} must be in (0, 1]"))
@@ -119,8 +119,8 @@ fn fraction(s: &str) -> std::result::Result<f64, String> {
 }
 
 fn at_least_one(s: &str) -> std::result::Result<f64, String> {
-    let v: f64 = s.parse().map_err(|_| format!("`{s}` is not a number"))?;
-    if v.is_finite() && v >= 1.0 {
+    let v: f64 = crate::finite(s)?;
+    if v >= 1.0 {
         Ok(v)
     } else {
         Err(format!("{s} must be a finite number ≥ 1"))
@@ -128,8 +128,8 @@ fn at_least_one(s: &str) -> std::result::Result<f64, String> {
 }
 
 fn non_negative(s: &str) -> std::result::Result<f32, String> {
-    let v: f32 = s.parse().map_err(|_| format!("`{s}` is not a number"))?;
-    if v.is_finite() && v >= 0.0 {
+    let v: f32 = crate::finite(s)?;
+    if v >= 0.0 {
         Ok(v)
     } else {
         Err(format!("{s} must be a finite number ≥ 0"))

@@ -45,8 +45,6 @@ pub struct Checkpoint {
     /// `(canonical name, tensor)` in file order.
     pub tensors: Vec<(String, LazyTensor)>,
     by_name: HashMap<String, usize>,
-    /// The dtype most tensors have (for messages).
-    pub dtype: crate::io::tensor::Dtype,
 }
 
 impl Checkpoint {
@@ -70,7 +68,6 @@ impl Checkpoint {
         for f in &files {
             all.extend(lazy::list(f)?);
         }
-        lazy::index(&all)?;
         if !all.is_empty()
             && all
                 .iter()
@@ -132,25 +129,28 @@ impl Checkpoint {
                 "no UNet tensors (expected diffusers names such as `down_blocks.0…`, `unet.`-prefixed ones, or LDM `model.diffusion_model.…`)",
             ));
         }
-        let by_name = tensors
-            .iter()
-            .enumerate()
-            .map(|(i, (n, _))| (n.clone(), i))
-            .collect::<HashMap<_, _>>();
-        if by_name.len() != tensors.len() {
-            return Err(Error::file(
-                path,
-                "two keys name the same UNet tensor (diffusers and LDM spellings mixed?)",
-            ));
+        // One index, after renaming: it also catches a key stored in two
+        // shards, and diffusers and LDM spellings of one tensor mixed.
+        let mut by_name = HashMap::with_capacity(tensors.len());
+        for (i, (name, t)) in tensors.iter().enumerate() {
+            if let Some(j) = by_name.insert(name.clone(), i) {
+                let other = &tensors[j].1;
+                return Err(Error::key(
+                    &t.path,
+                    &t.key,
+                    format!(
+                        "names the same UNet tensor `{name}` as `{}` in {}",
+                        other.key,
+                        other.path.display()
+                    ),
+                ));
+            }
         }
-        let dtype =
-            crate::adapter::most_common(tensors.iter().map(|(_, t)| t.dtype)).expect("non-empty");
         Ok(Checkpoint {
             path: path.to_path_buf(),
             layout,
             tensors,
             by_name,
-            dtype,
         })
     }
 

@@ -9,7 +9,6 @@
 //! which parses only the pickle's opcodes (never running code) and reads a
 //! single tensor's record from the zip archive per request.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -47,10 +46,6 @@ pub struct LazyTensor {
 }
 
 impl LazyTensor {
-    pub fn numel(&self) -> usize {
-        self.shape.iter().product()
-    }
-
     /// Read this tensor's bytes now.
     pub fn read(&self) -> Result<RawTensor> {
         match &self.source {
@@ -101,18 +96,20 @@ pub fn list(path: &Path) -> Result<Vec<LazyTensor>> {
         .collect())
 }
 
-fn list_pickle(path: &Path, shared: Arc<PathBuf>) -> Result<Vec<LazyTensor>> {
-    let open = |key: Option<&str>| {
-        PthTensors::new(path, key)
-            .ok()
-            .filter(|p| !p.tensor_infos().is_empty())
+pub(crate) fn list_pickle(path: &Path, shared: Arc<PathBuf>) -> Result<Vec<LazyTensor>> {
+    // A plain state dict first, then the `state_dict` wrapper LDM `.ckpt`
+    // files use; the first attempt's error is the one worth showing.
+    let open = |key: Option<&str>| match PthTensors::new(path, key) {
+        Ok(p) if p.tensor_infos().is_empty() => Err("no tensors found".to_string()),
+        Ok(p) => Ok(p),
+        Err(e) => Err(e.to_string()),
     };
-    let pth = open(None).or_else(|| open(Some("state_dict"))).ok_or_else(|| {
-        Error::file(
-            path,
-            "cannot read as a PyTorch state dict (no tensors found at the top level or under `state_dict`)",
-        )
-    })?;
+    let pth = match open(None) {
+        Ok(p) => p,
+        Err(why) => open(Some("state_dict")).map_err(|_| {
+            Error::file(path, format!("cannot read as a PyTorch state dict: {why}"))
+        })?,
+    };
     let pth = Arc::new(pth);
     let mut infos: Vec<_> = pth.tensor_infos().values().collect();
     infos.sort_by(|a, b| a.name.cmp(&b.name));
@@ -143,21 +140,4 @@ fn list_pickle(path: &Path, shared: Arc<PathBuf>) -> Result<Vec<LazyTensor>> {
         });
     }
     Ok(out)
-}
-
-/// Tensors of several files by key (a sharded checkpoint is one set).
-/// A key stored twice is an error: which copy is meant is unknowable.
-pub fn index(tensors: &[LazyTensor]) -> Result<HashMap<&str, usize>> {
-    let mut map = HashMap::with_capacity(tensors.len());
-    for (i, t) in tensors.iter().enumerate() {
-        if let Some(j) = map.insert(t.key.as_str(), i) {
-            let other = &tensors[j];
-            return Err(Error::key(
-                &t.path,
-                &t.key,
-                format!("also stored in {}", other.path.display()),
-            ));
-        }
-    }
-    Ok(map)
 }

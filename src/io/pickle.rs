@@ -11,34 +11,15 @@ use candle_core::{DType, Tensor};
 use super::tensor::{Dtype, RawTensor};
 use crate::error::{Error, Result};
 
-/// Every tensor of the state dict, in the order the pickle lists them.
+/// Every tensor of the state dict (top level, or under `state_dict`), by
+/// name; the same listing the lazy reader uses, read at once.
 pub fn read_state_dict(path: &Path) -> Result<Vec<(String, RawTensor)>> {
     if !path.exists() {
         return Err(Error::file(path, "no such file"));
     }
-    // Try the plain state dict first, then the common `state_dict` wrapper.
-    let tensors = match candle_core::pickle::read_all(path) {
-        Ok(t) if !t.is_empty() => t,
-        first => match candle_core::pickle::read_all_with_key(path, Some("state_dict")) {
-            Ok(t) if !t.is_empty() => t,
-            _ => {
-                let why = match first {
-                    Err(e) => e.to_string(),
-                    Ok(_) => "no tensors found".to_string(),
-                };
-                return Err(Error::file(
-                    path,
-                    format!("cannot read as a PyTorch state dict: {why}"),
-                ));
-            }
-        },
-    };
-    tensors
+    super::lazy::list_pickle(path, std::sync::Arc::new(path.to_path_buf()))?
         .into_iter()
-        .map(|(name, t)| {
-            let raw = to_raw(&t).map_err(|e| Error::key(path, &name, e))?;
-            Ok((name, raw))
-        })
+        .map(|t| Ok((t.key.clone(), t.read()?)))
         .collect()
 }
 
