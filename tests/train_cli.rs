@@ -287,17 +287,30 @@ fn bad_requests_fail_before_any_work() {
         e.contains("la_strenght") && e.contains("prompt.yaml"),
         "{e}"
     );
+    // A Windows path in double quotes: YAML escapes; the error says what to do.
+    std::fs::write(
+        &cfg,
+        "prompts_file: \"C:\\Users\\me\\prompt.yaml\"\npretrained_model:\n  name_or_path: x\n",
+    )
+    .unwrap();
+    let e = run(&["--config", p(&cfg)]);
+    assert!(
+        e.contains("single quotes") && e.contains("config.yaml"),
+        "{e}"
+    );
 }
 
 /// The reference's own pikachu config.yaml + prompt.yaml (Con6924/SPM
-/// configs/pikachu, field for field) is read and trains.
+/// configs/pikachu, field for field) is read and trains. Paths go in single
+/// quotes: in double quotes YAML reads a Windows path's backslashes as
+/// escapes (the wine run).
 #[test]
 fn reference_config_files_train() {
     let d = tempfile::tempdir().unwrap();
     let cfg = d.path().join("config.yaml");
     let prompts = d.path().join("prompt.yaml");
     std::fs::write(&cfg, format!(
-        "prompts_file: \"{}\"\n\npretrained_model:\n  name_or_path: \"{}\"\n  v2: false\n  v_pred: false\n  clip_skip: 1\n\nnetwork:\n  rank: 1\n  alpha: 1.0\n\ntrain:\n  precision: float32\n  noise_scheduler: \"ddim\"\n  iterations: 3000\n  batch_size: 1\n  lr: 0.0001\n  unet_lr: 0.0001\n  text_encoder_lr: 5e-05\n  optimizer_type: \"AdamW8bit\"\n  lr_scheduler: \"cosine_with_restarts\"\n  lr_warmup_steps: 7\n  lr_scheduler_num_cycles: 3\n  max_denoising_steps: 30\n\nsave:\n  name: \"pikachu\"\n  path: \"output/pikachu\"\n  per_steps: 500\n  precision: float32\n\nlogging:\n  use_wandb: true\n  interval: 500\n  seed: 0\n  generate_num: 2\n  run_name: \"pikachu\"\n  verbose: false\n  prompts: ['pikachu', '', 'dog', 'mickey', 'woman']\n\nother:\n  use_xformers: true\n",
+        "prompts_file: '{}'\n\npretrained_model:\n  name_or_path: '{}'\n  v2: false\n  v_pred: false\n  clip_skip: 1\n\nnetwork:\n  rank: 1\n  alpha: 1.0\n\ntrain:\n  precision: float32\n  noise_scheduler: \"ddim\"\n  iterations: 3000\n  batch_size: 1\n  lr: 0.0001\n  unet_lr: 0.0001\n  text_encoder_lr: 5e-05\n  optimizer_type: \"AdamW8bit\"\n  lr_scheduler: \"cosine_with_restarts\"\n  lr_warmup_steps: 7\n  lr_scheduler_num_cycles: 3\n  max_denoising_steps: 30\n\nsave:\n  name: \"pikachu\"\n  path: \"output/pikachu\"\n  per_steps: 500\n  precision: float32\n\nlogging:\n  use_wandb: true\n  interval: 500\n  seed: 0\n  generate_num: 2\n  run_name: \"pikachu\"\n  verbose: false\n  prompts: ['pikachu', '', 'dog', 'mickey', 'woman']\n\nother:\n  use_xformers: true\n",
         p(&prompts), p(&gen("sd1"))
     )).unwrap();
     std::fs::write(&prompts, "\n- target: \"pikachu\"\n  positive: \"pikachu\"\n  unconditional: \"\"\n  neutral: \"\"\n  action: \"erase_with_la\"\n  guidance_scale: \"1.0\"\n  resolution: 512\n  batch_size: 1\n  dynamic_resolution: false\n  la_strength: 1000\n  sampling_batch_size: 4\n").unwrap();

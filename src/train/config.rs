@@ -170,7 +170,17 @@ pub struct Loaded {
 
 fn read_yaml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_norway::from_str(&text).map_err(|e| Error::file(path, format!("bad config: {e}")))
+    serde_norway::from_str(&text).map_err(|e| {
+        // YAML reads backslashes inside double quotes as escapes, so a
+        // Windows path written "C:\Users\…" fails with a message about
+        // hexadecimal numbers that does not say what to change.
+        let hint = if text.contains(":\\") && e.to_string().contains("quoted scalar") {
+            " (write Windows paths in 'single quotes' or with forward slashes)"
+        } else {
+            ""
+        };
+        Error::file(path, format!("bad config: {e}{hint}"))
+    })
 }
 
 /// Read `config.yaml` and the `prompts_file` it names (relative paths are
