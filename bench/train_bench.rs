@@ -26,7 +26,7 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use spm::model::nn::{AdapterSet, Builder, Trainables};
 use spm::model::sd::{LoadSpec, StableDiffusion};
-use spm::model::unet::{UNet, UNetConfig};
+use spm::model::unet::{Cond, UNet, UNetConfig};
 use spm::train::esd::{self, Esd, Variant};
 use spm::train::fmn::Fmn;
 use spm::train::optim::{Adam, AdamConfig, Rule};
@@ -145,12 +145,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let ctx_dim = base.config.context_dim();
     // Prompts: the tiny model's own text encoder, random N(0,1) rows for SD1.5.
-    let emb = |s: &str| -> candle_core::Result<Tensor> {
+    let emb = |s: &str| -> candle_core::Result<Cond> {
         match &sd {
             Some(sd) => sd
                 .encode(&[s], 1)
+                .map(Cond::text)
                 .map_err(|e| candle_core::Error::Msg(e.to_string())),
-            None => Tensor::randn(0f32, 1f32, (1, 77, ctx_dim), &dev),
+            None => Tensor::randn(0f32, 1f32, (1, 77, ctx_dim), &dev).map(Cond::text),
         }
     };
     let build = t0.elapsed().as_secs_f64();
@@ -189,6 +190,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 anchors: Anchors::Half,
                 steps: 30,
                 sched: reference_ddim("epsilon")?,
+                rescale: 0.0,
                 device: dev.clone(),
                 dtype: dt,
             };
@@ -198,6 +200,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 z: x.clone(),
                 anchor_noise: Tensor::randn(0f32, 1f32, (4, 1, 77, ctx_dim), &dev)?,
                 anchor_scale: vec![0.9, 1.0, 1.1, 1.0],
+                pooled_noise: None,
+                pooled_scale: Vec::new(),
+                time_ids: None,
             };
             M::Spm(spm, d)
         }

@@ -30,7 +30,8 @@ use crate::model::nn::{Mix, Rows};
 use crate::model::noise::TorchRng;
 use crate::model::scheduler::{self, Sampler, Scheduler, SchedulerConfig};
 use crate::model::sd::{adapter_set, LoadSpec, StableDiffusion};
-use crate::transport::gate::{Engine, Gate, GateOptions, Membrane};
+use crate::model::unet::Added;
+use crate::transport::gate::{Engine, Gate, GateOptions, Membrane, Second};
 
 /// Everything `spm generate` is asked.
 #[derive(Debug, Clone)]
@@ -391,10 +392,28 @@ pub fn sample_prompt(
         }
     };
     let ctx = sd.encode(&[prompt], opts.clip_skip)?;
-    let neg_ctx = if guided {
-        Some(sd.encode(&[opts.negative.as_str()], opts.clip_skip)?)
+    let size = (opts.height, opts.width);
+    let added = sd.added(&[prompt], size)?;
+    // SDXL zeroes an empty negative prompt (text and pooled), as diffusers'
+    // `force_zeros_for_empty_prompt` and A1111 do.
+    let zero_neg = sd.zeroes_negative(&opts.negative);
+    let (neg_ctx, neg_added) = if !guided {
+        (None, None)
+    } else if zero_neg {
+        let z = ctx.zeros_like().map_err(candle("context"))?;
+        let a = match &added {
+            Some(a) => Some(Added {
+                text_embeds: a.text_embeds.zeros_like().map_err(candle("pooled"))?,
+                time_ids: a.time_ids.clone(),
+            }),
+            None => None,
+        };
+        (Some(z), a)
     } else {
-        None
+        (
+            Some(sd.encode(&[opts.negative.as_str()], opts.clip_skip)?),
+            sd.added(&[opts.negative.as_str()], size)?,
+        )
     };
     let mut jobs: Vec<Job> = Vec::new();
     for &v in &columns {
@@ -418,13 +437,21 @@ pub fn sample_prompt(
     // Rows: per column, [uncond × n, cond × n] (diffusers' order).
     let branches = if guided { 2 } else { 1 };
     let mut ctx_rows = Vec::new();
+    let mut added_rows: Vec<&Added> = Vec::new();
     for _ in &jobs {
         if let Some(neg) = &neg_ctx {
             ctx_rows.extend(std::iter::repeat_n(neg.clone(), n));
+            added_rows.extend(neg_added.iter().flat_map(|a| std::iter::repeat_n(a, n)));
         }
         ctx_rows.extend(std::iter::repeat_n(ctx.clone(), n));
+        added_rows.extend(added.iter().flat_map(|a| std::iter::repeat_n(a, n)));
     }
     let ctx_all = Tensor::cat(&ctx_rows, 0).map_err(candle("context"))?;
+    let added_all = if added_rows.is_empty() {
+        None
+    } else {
+        Some(Added::cat(&added_rows).map_err(candle("pooled"))?)
+    };
     let slot_rows: Vec<Vec<f32>> = (0..slots)
         .map(|k| {
             jobs.iter()
@@ -455,7 +482,7 @@ pub fn sample_prompt(
             .map_err(candle("timestep"))?;
         let out = sd
             .unet
-            .forward(&x, &tt, &ctx_all, &rows)
+            .forward_added(&x, &tt, &ctx_all, added_all.as_ref(), &rows)
             .and_then(|o| o.to_dtype(DType::F32))
             .and_then(|o| o.flatten_all())
             .and_then(|o| o.to_vec1::<f32>())
@@ -559,6 +586,13 @@ pub fn run(
         None
     } else {
         let mut e = Engine::shared(sd.tokenizer.clone(), Some(sd.text.clone()), sd.pad_id);
+        if let Some(xl) = &sd.xl {
+            e = e.with_second(Second {
+                encoder: xl.text.clone(),
+                tokenizer: xl.tokenizer.clone(),
+                pad_id: xl.pad_id,
+            });
+        }
         let ms: Vec<Membrane> = if needs_ft {
             adapters
                 .iter()

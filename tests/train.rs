@@ -15,6 +15,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use spm::model::nn::{AdapterSet, Trainables};
 use spm::model::sd::{LoadSpec, StableDiffusion};
+use spm::model::unet::Cond;
 use spm::train::esd::{self, Esd, Variant};
 use spm::train::fmn::{self, Fmn, Mask};
 use spm::train::optim::{clip_grad_norm, Adam, AdamConfig, Rule};
@@ -263,10 +264,10 @@ fn spm_case(arch: &str, case: &str) {
     assert_eq!(train.vars().len(), 384);
     inject(&train, &fx, case);
     let net = net(&sd, true);
-    let emb = |s: &str| sd.encode(&[s], 1).unwrap();
+    let emb = |s: &str| Cond::text(sd.encode(&[s], 1).unwrap());
     close(
         "target embedding",
-        &emb("snoopy"),
+        &emb("snoopy").ctx,
         &fx["text/out.emb.target"].1,
         1e-5,
     );
@@ -283,6 +284,7 @@ fn spm_case(arch: &str, case: &str) {
         anchors: Anchors::Half,
         steps: 30,
         sched: reference_ddim(m["prediction_type"].as_str().unwrap()).unwrap(),
+        rescale: 0.0,
         device: Device::Cpu,
         dtype: DType::F32,
     };
@@ -299,6 +301,9 @@ fn spm_case(arch: &str, case: &str) {
             .iter()
             .map(|v| v.as_f64().unwrap())
             .collect(),
+        pooled_noise: None,
+        pooled_scale: Vec::new(),
+        time_ids: None,
     };
     let mut traj = Vec::new();
     let x = spm
@@ -394,9 +399,9 @@ fn esd(sd: &StableDiffusion, variant: Variant, eta: f64) -> Esd {
         steps: 50,
         latent: (8, 8),
         sched: sd.scheduler.clone(),
-        concept: sd.encode(&["snoopy"], 1).unwrap(),
+        concept: Cond::text(sd.encode(&["snoopy"], 1).unwrap()),
         from: None,
-        null: sd.encode(&[""], 1).unwrap(),
+        null: Cond::text(sd.encode(&[""], 1).unwrap()),
         device: Device::Cpu,
         dtype: DType::F32,
     }
@@ -571,7 +576,7 @@ fn fmn_case(arch: &str) {
             mv[c] = 1.0;
         }
         Fmn {
-            prompt: sd.encode(&[prompt], 1).unwrap(),
+            prompt: Cond::text(sd.encode(&[prompt], 1).unwrap()),
             mask: Tensor::from_vec(mv, (1, 77), &Device::Cpu).unwrap(),
             encoded: Vec::new(),
             latents: vec![t(&fx, "ca_full/in.x0")],
@@ -619,7 +624,7 @@ fn fmn_case(arch: &str) {
     );
     inject(&train, &fx, "ca_lora");
     let f = Fmn {
-        prompt: sd.encode(&[prompt], 1).unwrap(),
+        prompt: Cond::text(sd.encode(&[prompt], 1).unwrap()),
         ..make(Mask::Pooler)
     };
     let terms = f.loss_at(&net(&sd, true), &x_t, tt).unwrap();

@@ -14,6 +14,7 @@ use candle_core::{DType, Device, Tensor};
 use spm::model::nn::{AdapterSet, Trainables};
 use spm::model::noise::TorchRng;
 use spm::model::sd::{LoadSpec, StableDiffusion};
+use spm::model::unet::Cond;
 use spm::train::esd::{Esd, Variant};
 use spm::train::fmn::{self, Fmn, Mask};
 use spm::train::spm::{reference_ddim, Anchors, Draws, Embeds, Setting, Spm};
@@ -138,7 +139,7 @@ fn spm_loss_gradient_matches_finite_differences() {
             v.set(&randn(&mut rng, v.dims(), 0.1)).unwrap();
         }
     }
-    let emb = |s: &str| sd.encode(&[s], 1).unwrap();
+    let emb = |s: &str| Cond::text(sd.encode(&[s], 1).unwrap());
     let mut s = Setting::new("snoopy", "");
     s.dynamic_resolution = false;
     let spm = Spm {
@@ -152,6 +153,7 @@ fn spm_loss_gradient_matches_finite_differences() {
         anchors: Anchors::Half,
         steps: 30,
         sched: reference_ddim("epsilon").unwrap(),
+        rescale: 0.0,
         device: Device::Cpu,
         dtype: DT,
     };
@@ -161,6 +163,9 @@ fn spm_loss_gradient_matches_finite_differences() {
         z: randn(&mut rng, &[1, 4, 8, 8], 1.0),
         anchor_noise: randn(&mut rng, &[4, 1, 77, 32], 1.0),
         anchor_scale: vec![0.9, 1.1, 1.0, 0.85],
+        pooled_noise: None,
+        pooled_scale: Vec::new(),
+        time_ids: None,
     };
     let n = net(&sd, true);
     let x = randn(&mut rng, &[1, 4, 8, 8], 1.0);
@@ -175,9 +180,9 @@ fn esd_for(sd: &StableDiffusion) -> Esd {
         steps: 50,
         latent: (8, 8),
         sched: sd.scheduler.clone(),
-        concept: sd.encode(&["snoopy"], 1).unwrap(),
+        concept: Cond::text(sd.encode(&["snoopy"], 1).unwrap()),
         from: None,
-        null: sd.encode(&[""], 1).unwrap(),
+        null: Cond::text(sd.encode(&[""], 1).unwrap()),
         device: Device::Cpu,
         dtype: DT,
     }
@@ -244,7 +249,7 @@ fn fmn_gradients_match_finite_differences() {
             m[c] = 1.0;
         }
         let f = Fmn {
-            prompt: sd.encode(&[prompt], 1).unwrap(),
+            prompt: Cond::text(sd.encode(&[prompt], 1).unwrap()),
             mask: Tensor::from_vec(m, (1, 77), &Device::Cpu).unwrap(),
             encoded: Vec::new(),
             latents: vec![randn(&mut rng, &[1, 4, 8, 8], 0.5)],

@@ -50,6 +50,11 @@ pub struct ClipTextConfig {
     /// Pad token of the tokenizer that goes with this model, if the config says.
     #[serde(default)]
     pub pad_token_id: Option<u32>,
+    /// transformers pools at the first `eos_token_id`, or — for configs
+    /// that still say 2, as SDXL's do — at the highest id (the EOS of the
+    /// real vocabulary).
+    #[serde(default)]
+    pub eos_token_id: Option<u32>,
 }
 
 fn default_positions() -> usize {
@@ -140,6 +145,9 @@ pub struct ClipTextModel {
     position_embedding: Embedding,
     layers: Vec<EncoderLayer>,
     final_layer_norm: LayerNorm,
+    /// `CLIPTextModelWithProjection`'s `text_projection` (SDXL's second
+    /// encoder), when the weights have one.
+    text_projection: Option<Linear>,
     pub config: ClipTextConfig,
 }
 
@@ -161,13 +169,100 @@ impl ClipTextModel {
             .collect::<candle_core::Result<Vec<_>>>()?;
         let final_layer_norm =
             candle_nn::layer_norm(h, config.layer_norm_eps, vb.pp("final_layer_norm"))?;
+        let text_projection = if vb.contains_tensor("text_projection.weight") {
+            let w = vb.get_unchecked("text_projection.weight")?;
+            if w.dims().len() != 2 || w.dim(1)? != h {
+                candle_core::bail!("text_projection.weight has shape {:?}", w.dims());
+            }
+            Some(Linear::new(w, None))
+        } else {
+            None
+        };
         Ok(ClipTextModel {
             token_embedding,
             position_embedding,
             layers,
             final_layer_norm,
+            text_projection,
             config,
         })
+    }
+
+    /// Width of the pooled, projected output, when there is a projection.
+    pub fn projection_dim(&self) -> Option<usize> {
+        self.text_projection
+            .as_ref()
+            .map(|l| l.weight().dim(0).unwrap_or(0))
+    }
+
+    /// Embeddings and the first `keep` encoder layers (no final norm).
+    fn run(&self, ids: &Tensor, keep: usize) -> candle_core::Result<Tensor> {
+        let (_, t) = ids.dims2()?;
+        let positions = Tensor::arange(0u32, t as u32, ids.device())?;
+        let mut x = self
+            .token_embedding
+            .forward(ids)?
+            .broadcast_add(&self.position_embedding.forward(&positions)?)?;
+        let mask = causal_mask(t, ids.device())?;
+        for layer in &self.layers[..keep] {
+            x = layer.forward(&x, &mask)?;
+        }
+        Ok(x)
+    }
+
+    /// Layers kept for A1111's clip skip `n` (1 = all), or an error.
+    fn keep(&self, clip_skip: usize) -> candle_core::Result<usize> {
+        self.layers
+            .len()
+            .checked_sub(clip_skip.max(1) - 1)
+            .filter(|k| *k > 0)
+            .ok_or_else(|| {
+                candle_core::Error::Msg(format!(
+                    "clip skip {clip_skip} leaves no layer of {}",
+                    self.layers.len()
+                ))
+            })
+    }
+
+    /// SDXL's conditioning from this encoder: `hidden_states[-(n + 1)]`
+    /// for clip skip `n` (1 = the penultimate layer SDXL was trained on),
+    /// *without* the final layer norm — as diffusers' SDXL pipeline (its
+    /// `clip_skip` is `n − 1`) and SGM's `layer: penultimate` take it.
+    pub fn forward_hidden(&self, ids: &Tensor, clip_skip: usize) -> candle_core::Result<Tensor> {
+        let keep = self.keep(clip_skip + 1)?;
+        self.run(ids, keep)
+    }
+
+    /// The pooled, projected embedding `[B, P]` (`text_embeds` of
+    /// `CLIPTextModelWithProjection`): the final-normed last layer at each
+    /// row's EOS, through `text_projection`.
+    pub fn forward_pooled(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let proj = self.text_projection.as_ref().ok_or_else(|| {
+            candle_core::Error::Msg("this text encoder has no text_projection".into())
+        })?;
+        let h = self
+            .final_layer_norm
+            .forward(&self.run(ids, self.layers.len())?)?;
+        let rows = ids.to_dtype(DType::U32)?.to_vec2::<u32>()?;
+        let legacy = matches!(self.config.eos_token_id, None | Some(2));
+        let eos = self.config.eos_token_id.unwrap_or(2);
+        let mut picked = Vec::with_capacity(rows.len());
+        for (b, r) in rows.iter().enumerate() {
+            let pos = if legacy {
+                // argmax: the first of the highest ids.
+                r.iter()
+                    .enumerate()
+                    .fold(
+                        (0, 0u32),
+                        |(bi, bv), (i, &v)| if v > bv { (i, v) } else { (bi, bv) },
+                    )
+                    .0
+            } else {
+                r.iter().position(|&v| v == eos).unwrap_or(0)
+            };
+            picked.push(h.get(b)?.get(pos)?.unsqueeze(0)?);
+        }
+        proj.forward(&Tensor::cat(&picked, 0)?)
     }
 
     /// `last_hidden_state` for a batch of padded id rows (causal attention,
@@ -182,39 +277,34 @@ impl ClipTextModel {
     /// SD2 encoder, whose penultimate layer is already its last here, `n`
     /// counts from there as A1111 does.
     pub fn forward_skip(&self, ids: &Tensor, clip_skip: usize) -> candle_core::Result<Tensor> {
-        let keep = self
-            .layers
-            .len()
-            .checked_sub(clip_skip.max(1) - 1)
-            .filter(|k| *k > 0)
-            .ok_or_else(|| {
-                candle_core::Error::Msg(format!(
-                    "clip skip {clip_skip} leaves no layer of {}",
-                    self.layers.len()
-                ))
-            })?;
-        let (_, t) = ids.dims2()?;
-        let positions = Tensor::arange(0u32, t as u32, ids.device())?;
-        let x = self
-            .token_embedding
-            .forward(ids)?
-            .broadcast_add(&self.position_embedding.forward(&positions)?)?;
-        let mask = causal_mask(t, ids.device())?;
-        let mut x = x;
-        for layer in &self.layers[..keep] {
-            x = layer.forward(&x, &mask)?;
-        }
-        self.final_layer_norm.forward(&x)
+        let keep = self.keep(clip_skip)?;
+        self.final_layer_norm.forward(&self.run(ids, keep)?)
     }
 
-    /// Encode padded id rows into flattened f32 vectors, one per row.
+    /// Encode padded id rows into flattened f32 vectors (`last_hidden_state`),
+    /// one per row.
     pub fn embed(&self, rows: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+        self.embed_by(rows, |ids| self.forward(ids))
+    }
+
+    /// The same with SDXL's penultimate hidden state (no final norm).
+    pub fn embed_penultimate(&self, rows: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+        self.embed_by(rows, |ids| self.forward_hidden(ids, 1))
+    }
+
+    fn embed_by(
+        &self,
+        rows: &[Vec<u32>],
+        f: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
+    ) -> Result<Vec<Vec<f32>>> {
         let t = rows.first().map_or(0, Vec::len);
         let flat: Vec<u32> = rows.iter().flatten().copied().collect();
         let run = || -> candle_core::Result<Vec<Vec<f32>>> {
             let ids = Tensor::from_vec(flat, (rows.len(), t), &Device::Cpu)?;
-            let h = self.forward(&ids)?;
-            h.flatten_from(1)?.to_dtype(DType::F32)?.to_vec2::<f32>()
+            f(&ids)?
+                .flatten_from(1)?
+                .to_dtype(DType::F32)?
+                .to_vec2::<f32>()
         };
         run().map_err(|e| Error::usage(format!("text encoder failed: {e}")))
     }
@@ -260,34 +350,89 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<(ClipTextModel, EncoderIn
         if path.join("text_encoder_2").is_dir() {
             return Err(Error::file(
                 path,
-                "SDXL pipelines (two text encoders) are not supported yet for Facilitated Transport",
+                "an SDXL pipeline has two text encoders; this loader reads one (FT loads both through transport::build_engine)",
             ));
         }
-        let cfg_path = dir.join("config.json");
-        let cfg_text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-        let mut config: ClipTextConfig = serde_json::from_str(&cfg_text)
-            .map_err(|e| Error::file(&cfg_path, format!("not a CLIPTextModel config: {e}")))?;
-        if let Some(a) = opts.activation {
-            config.hidden_act = a;
-        }
-        let weights = ["model.safetensors", "pytorch_model.safetensors"]
-            .iter()
-            .map(|n| dir.join(n))
-            .find(|p| p.exists())
-            .ok_or_else(|| Error::file(&dir, "no model.safetensors in the text encoder folder"))?;
-        let f = SafetensorsFile::open(&weights)?;
-        let tensors = collect(&weights, &f.tensors(), |k| {
-            let k = k.strip_prefix("text_model.").unwrap_or(k);
-            (k.starts_with("embeddings.")
-                || k.starts_with("encoder.")
-                || k.starts_with("final_layer_norm."))
-            .then(|| k.to_string())
-        })?;
-        return build(&weights, tensors, config, "diffusers text_encoder");
+        return load_folder(&dir, opts);
     }
     // `.safetensors` through a memory map, `.ckpt` pickles read as data.
     let file = crate::io::open_tensor_file(path)?;
     load_single(path, &file.tensors, opts)
+}
+
+/// One diffusers text-encoder folder (`config.json` + `model.safetensors`):
+/// `CLIPTextModel`, or `CLIPTextModelWithProjection` whose
+/// `text_projection` is kept for the pooled output.
+pub fn load_folder(dir: &Path, opts: &LoadOptions) -> Result<(ClipTextModel, EncoderInfo)> {
+    let cfg_path = dir.join("config.json");
+    let cfg_text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+    let mut config: ClipTextConfig = serde_json::from_str(&cfg_text)
+        .map_err(|e| Error::file(&cfg_path, format!("not a CLIPTextModel config: {e}")))?;
+    if let Some(a) = opts.activation {
+        config.hidden_act = a;
+    }
+    let weights = ["model.safetensors", "pytorch_model.safetensors"]
+        .iter()
+        .map(|n| dir.join(n))
+        .find(|p| p.exists())
+        .ok_or_else(|| Error::file(dir, "no model.safetensors in the text encoder folder"))?;
+    let f = SafetensorsFile::open(&weights)?;
+    let tensors = collect(&weights, &f.tensors(), |k| {
+        let k = k.strip_prefix("text_model.").unwrap_or(k);
+        (k.starts_with("embeddings.")
+            || k.starts_with("encoder.")
+            || k.starts_with("final_layer_norm.")
+            || k == "text_projection.weight")
+            .then(|| k.to_string())
+    })?;
+    build(&weights, tensors, config, "diffusers text_encoder")
+}
+
+/// SDXL's two encoders from a single file: `conditioner.embedders.0`
+/// (OpenAI CLIP ViT-L, transformers layout) and `conditioner.embedders.1`
+/// (OpenCLIP ViT-bigG: every block kept, since the pooled output reads the
+/// last one, and `text_projection` transposed from OpenCLIP's `x @ P`).
+pub fn load_single_xl(
+    path: &Path,
+    all: &[(String, RawTensor)],
+    opts: [&LoadOptions; 2],
+) -> Result<[(ClipTextModel, EncoderInfo); 2]> {
+    let p0 = if all
+        .iter()
+        .any(|(k, _)| k.starts_with("conditioner.embedders.0.transformer.text_model."))
+    {
+        "conditioner.embedders.0.transformer.text_model."
+    } else {
+        "conditioner.embedders.0.transformer."
+    };
+    let t0 = collect(path, all, |k| k.strip_prefix(p0).map(String::from))?;
+    if t0.is_empty() {
+        return Err(Error::file(
+            path,
+            "no first SDXL text encoder (conditioner.embedders.0.transformer.*)",
+        ));
+    }
+    let c0 = infer_config(path, &t0, opts[0], Activation::QuickGelu)?;
+    let te1 = build(path, t0, c0, "ldm sdxl te1 (HF CLIP)")?;
+    let prefix = "conditioner.embedders.1.model.";
+    let mut o = opts[1].clone();
+    o.openclip_layers.get_or_insert(usize::MAX);
+    let mut t1 = openclip_to_hf(path, all, prefix, &o)?;
+    let key = format!("{prefix}text_projection");
+    let proj = all
+        .iter()
+        .find(|(k, _)| *k == key)
+        .ok_or_else(|| Error::key(path, &key, "missing"))?;
+    let proj = to_tensor(&proj.1, path, &key)?
+        .t()
+        .and_then(|t| t.contiguous())
+        .map_err(|e| Error::key(path, &key, e.to_string()))?;
+    t1.insert("text_projection.weight".into(), proj);
+    let mut c1 = infer_config(path, &t1, &o, Activation::Gelu)?;
+    // OpenCLIP's vocabulary ends with <|endoftext|>: pool at the first one.
+    c1.eos_token_id = Some(c1.vocab_size as u32 - 1);
+    let te2 = build(path, t1, c1, "ldm sdxl te2 (OpenCLIP)")?;
+    Ok([te1, te2])
 }
 
 /// The text encoder of a single-file checkpoint whose tensors are already
@@ -301,7 +446,7 @@ pub fn load_single(
     if has("conditioner.embedders.") {
         return Err(Error::file(
             path,
-            "SDXL checkpoints (two text encoders) are not supported yet for Facilitated Transport",
+            "an SDXL checkpoint has two text encoders; this loader reads one (see load_single_xl)",
         ));
     }
     if has("cond_stage_model.transformer.") {
@@ -397,6 +542,7 @@ fn infer_config(
         hidden_act: opts.activation.unwrap_or(act),
         layer_norm_eps: 1e-5,
         pad_token_id: None,
+        eos_token_id: None,
     })
 }
 

@@ -295,6 +295,9 @@ pub fn ldm_unet_prefixes(
         ("conv_in".to_string(), "input_blocks.0.0".to_string()),
         ("time_embedding.linear_1".into(), "time_embed.0".into()),
         ("time_embedding.linear_2".into(), "time_embed.2".into()),
+        // SDXL's text-time embedding (absent from SD1/SD2 files).
+        ("add_embedding.linear_1".into(), "label_emb.0.0".into()),
+        ("add_embedding.linear_2".into(), "label_emb.0.2".into()),
         ("conv_norm_out".into(), "out.0".into()),
         ("conv_out".into(), "out.2".into()),
         ("mid_block.resnets.0".into(), "middle_block.0".into()),

@@ -1,6 +1,7 @@
-//! A Stable Diffusion 1.x/2.x model as one value: UNet (with the adapters it
-//! was asked to carry), VAE, CLIP text encoder, tokenizer and the scheduler
-//! config, loaded from a diffusers folder or an LDM single file.
+//! A Stable Diffusion 1.x/2.x/XL model as one value: UNet (with the adapters
+//! it was asked to carry), VAE, CLIP text encoder(s), tokenizer(s) and the
+//! scheduler config, loaded from a diffusers folder or an LDM/SGM single
+//! file.
 //!
 //! `spm generate` and the trainer both start here, so there is one way to
 //! read a checkpoint.
@@ -16,7 +17,7 @@ use super::clip::{self, ClipTextModel, LoadOptions};
 use super::load::{self, Store};
 use super::nn::{AdapterSet, Builder, Factor, Rows, Trainables};
 use super::scheduler::SchedulerConfig;
-use super::unet::{UNet, UNetConfig};
+use super::unet::{Added, Cond, UNet, UNetConfig};
 use super::vae::{Vae, VaeConfig};
 use crate::adapter::Adapter;
 use crate::error::{Error, Result};
@@ -58,6 +59,18 @@ pub struct ModelInfo {
     pub name: String,
 }
 
+/// SDXL's second text encoder (OpenCLIP ViT-bigG with its projection) and
+/// what goes with it.
+pub struct XlText {
+    pub text: Arc<ClipTextModel>,
+    pub tokenizer: Arc<ClipTokenizer>,
+    pub pad_id: u32,
+    /// `force_zeros_for_empty_prompt` (model_index.json; true for SDXL base
+    /// and for single files, as A1111 does): an empty negative prompt is
+    /// all-zero conditioning, text and pooled, instead of the encoding of "".
+    pub zero_empty_negative: bool,
+}
+
 /// A loaded model.
 pub struct StableDiffusion {
     pub unet: UNet,
@@ -67,12 +80,20 @@ pub struct StableDiffusion {
     pub text: Arc<ClipTextModel>,
     pub tokenizer: Arc<ClipTokenizer>,
     pub pad_id: u32,
+    /// SDXL's second encoder (None for SD1/SD2).
+    pub xl: Option<XlText>,
     /// `scheduler_config.json` (prediction type already settled).
     pub scheduler: SchedulerConfig,
     pub info: ModelInfo,
     pub device: Device,
     pub dtype: DType,
 }
+
+/// SDXL 1.0 base's `scheduler/scheduler_config.json` (for single files).
+const SDXL_SCHEDULER: &str = r#"{"_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+  "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "steps_offset": 1,
+  "timestep_spacing": "leading", "interpolation_type": "linear", "use_karras_sigmas": false,
+  "prediction_type": "epsilon"}"#;
 
 const SD_SCHEDULER: &str = r#"{"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
   "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": false,
@@ -183,13 +204,21 @@ impl StableDiffusion {
             ));
         }
         let idx: serde_json::Value = load::read_config(&index)?;
-        if idx.get("text_encoder_2").is_some() || root.join("text_encoder_2").is_dir() {
-            return Err(Error::file(root, "SDXL pipelines are not supported yet"));
-        }
+        let is_xl = idx.get("text_encoder_2").is_some() || root.join("text_encoder_2").is_dir();
         let unet_dir = root.join("unet");
         let unet_cfg: UNetConfig = load::read_config(&unet_dir.join("config.json"))?;
         let unet_files = load::component_files(&unet_dir, "diffusion_pytorch_model")?;
         let store = Store::from_files(&unet_files, |k| Some(k.to_string()))?;
+        if is_xl != unet_cfg.addition_embed_type.is_some() {
+            return Err(Error::file(
+                &unet_dir.join("config.json"),
+                if is_xl {
+                    "an SDXL pipeline (text_encoder_2) whose UNet has no addition_embed_type"
+                } else {
+                    "a UNet with addition_embed_type (SDXL) in a pipeline without text_encoder_2"
+                },
+            ));
+        }
         let (unet, trained) = build_unet(store, unet_cfg, spec, adapters, &unet_dir)?;
 
         let vae_dir = root.join("vae");
@@ -198,12 +227,22 @@ impl StableDiffusion {
         let store = Store::from_files(&vae_files, |k| Some(k.to_string()))?;
         let vae = build_vae(store, vae_cfg, spec, &vae_dir)?;
 
-        let (text, _) = clip::load(root, &LoadOptions::default())?;
-        let tok_dir = root.join("tokenizer");
-        let tokenizer = ClipTokenizer::from_folder(&tok_dir)?
-            .ok_or_else(|| Error::file(&tok_dir, "missing tokenizer (vocab.json + merges.txt)"))?;
-        let pad_id =
-            crate::transport::folder_pad_id(&tok_dir, &tokenizer).unwrap_or(tokenizer.eos());
+        let (text, tokenizer, pad_id) = folder_text(root, "text_encoder", "tokenizer")?;
+        let xl = if is_xl {
+            let (text2, tokenizer, pad_id) = folder_text(root, "text_encoder_2", "tokenizer_2")?;
+            check_xl(&unet.config, &text, &text2, root)?;
+            Some(XlText {
+                text: Arc::new(text2),
+                tokenizer: Arc::new(tokenizer),
+                pad_id,
+                zero_empty_negative: idx
+                    .get("force_zeros_for_empty_prompt")
+                    .and_then(|v| v.as_bool())
+                    .unwrap_or(true),
+            })
+        } else {
+            None
+        };
         let sched_path = root.join("scheduler/scheduler_config.json");
         let scheduler = SchedulerConfig::load(&sched_path)?;
         let prediction = scheduler
@@ -213,12 +252,15 @@ impl StableDiffusion {
         let info = ModelInfo {
             path: root.clone(),
             layout: "diffusers",
-            arch: arch_of(unet.config.context_dim()).map(Arch::name),
+            arch: if is_xl {
+                Some(Arch::Sdxl.name())
+            } else {
+                arch_of(unet.config.context_dim()).map(Arch::name)
+            },
             prediction_type: prediction,
             prediction_source: "scheduler/scheduler_config.json".into(),
             name: model_name(root),
         };
-        crate::transport::check_vocab(&text, &tokenizer, pad_id, root)?;
         Ok(StableDiffusion {
             unet,
             trained,
@@ -226,6 +268,7 @@ impl StableDiffusion {
             text: Arc::new(text),
             tokenizer: Arc::new(tokenizer),
             pad_id,
+            xl,
             scheduler,
             info,
             device: spec.device.clone(),
@@ -242,21 +285,23 @@ impl StableDiffusion {
             (k.starts_with("model.diffusion_model.") || k == "v_pred").then(|| k.to_string())
         });
         if raw.is_empty() {
-            let probe = all.store(|k| {
-                k.starts_with("conditioner.embedders.")
-                    .then(|| k.to_string())
-            });
             return Err(Error::file(
                 path,
-                if probe.is_empty() {
-                    "not a Stable Diffusion checkpoint (no model.diffusion_model.* keys)"
-                } else {
-                    "SDXL checkpoints are not supported yet"
-                },
+                "not a Stable Diffusion checkpoint (no model.diffusion_model.* keys)",
             ));
         }
-        let ctx_key =
-            "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight";
+        // SGM (SDXL) files keep both text encoders under `conditioner.`.
+        let is_xl = !all
+            .store(|k| {
+                k.starts_with("conditioner.embedders.")
+                    .then(|| k.to_string())
+            })
+            .is_empty();
+        let ctx_key = if is_xl {
+            "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"
+        } else {
+            "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+        };
         let ctx_dim = raw.shape(ctx_key).map(|s| s[s.len() - 1]);
         if let Some(d) = cfg_dir {
             if !d.join("model_index.json").is_file() {
@@ -270,19 +315,30 @@ impl StableDiffusion {
         let unet_cfg: UNetConfig = match cfg_dir {
             Some(d) => load::read_config(&d.join("unet/config.json"))?,
             None => match arch {
-                Some(Arch::Sd1) => UNetConfig::v1_5(),
-                Some(Arch::Sd2) => UNetConfig::v2_1(),
+                Some(Arch::Sd1) if !is_xl => UNetConfig::v1_5(),
+                Some(Arch::Sd2) if !is_xl => UNetConfig::v2_1(),
+                Some(Arch::Sdxl) if is_xl => UNetConfig::xl_base(),
                 _ => {
                     return Err(Error::key(
                         path,
                         ctx_key,
                         format!(
-                            "cross-attention width {ctx_dim:?} is neither SD1's 768 nor SD2's 1024; pass --config with the model's diffusers configs"
+                            "cross-attention width {ctx_dim:?} is not SD1's 768, SD2's 1024 or SDXL's 2048 (for this layout); pass --config with the model's diffusers configs"
                         ),
                     ))
                 }
             },
         };
+        if is_xl != unet_cfg.addition_embed_type.is_some() {
+            return Err(Error::file(
+                path,
+                if is_xl {
+                    "an SDXL checkpoint (conditioner.embedders.*) but --config's UNet has no addition_embed_type"
+                } else {
+                    "--config describes an SDXL UNet but the checkpoint has no conditioner.embedders.*"
+                },
+            ));
+        }
         unet_cfg
             .check()
             .map_err(|m| Error::file(path, format!("UNet config: {m}")))?;
@@ -305,6 +361,7 @@ impl StableDiffusion {
 
         let vae_cfg: VaeConfig = match cfg_dir {
             Some(d) => load::read_config(&d.join("vae/config.json"))?,
+            None if is_xl => VaeConfig::sdxl(),
             None => VaeConfig::sd(),
         };
         let store = all.store(load::ldm_vae_renamer(vae_cfg.block_out_channels.len()));
@@ -316,12 +373,79 @@ impl StableDiffusion {
         }
         let vae = build_vae(store, vae_cfg, spec, path)?;
 
-        let mut opts = LoadOptions::default();
-        if let Some(d) = cfg_dir {
-            let c: clip::ClipTextConfig = load::read_config(&d.join("text_encoder/config.json"))?;
-            opts.heads = Some(c.num_attention_heads);
-            opts.activation = Some(c.hidden_act);
+        let te_opts = |folder: &str| -> Result<LoadOptions> {
+            let mut opts = LoadOptions::default();
+            if let Some(d) = cfg_dir {
+                let c: clip::ClipTextConfig =
+                    load::read_config(&d.join(folder).join("config.json"))?;
+                opts.heads = Some(c.num_attention_heads);
+                opts.activation = Some(c.hidden_act);
+            }
+            Ok(opts)
+        };
+        if is_xl {
+            let pairs = all.pairs();
+            let [(te1, _), (te2, _)] = clip::load_single_xl(
+                path,
+                &pairs,
+                [&te_opts("text_encoder")?, &te_opts("text_encoder_2")?],
+            )?;
+            drop(pairs);
+            check_xl(&unet.config, &te1, &te2, path)?;
+            let (tok1, pad1) = single_tokenizer(cfg_dir, "tokenizer", false)?;
+            let (tok2, pad2) = single_tokenizer(cfg_dir, "tokenizer_2", true)?;
+            crate::transport::check_vocab(&te1, &tok1, pad1, path)?;
+            crate::transport::check_vocab(&te2, &tok2, pad2, path)?;
+            let mut scheduler = match cfg_dir {
+                Some(d) => SchedulerConfig::load(&d.join("scheduler/scheduler_config.json"))?,
+                None => SchedulerConfig::from_json(SDXL_SCHEDULER)?,
+            };
+            let (prediction, source) = if has_v_key {
+                ("v_prediction", "the checkpoint's `v_pred` key")
+            } else if cfg_dir.is_some() {
+                (
+                    scheduler.prediction_type.as_deref().unwrap_or("epsilon"),
+                    "--config scheduler/scheduler_config.json",
+                )
+            } else {
+                ("epsilon", "SDXL default")
+            };
+            let (prediction, source) = (prediction.to_string(), source.to_string());
+            scheduler.prediction_type = Some(prediction.clone());
+            let zero = match cfg_dir {
+                Some(d) => load::read_config::<serde_json::Value>(&d.join("model_index.json"))?
+                    .get("force_zeros_for_empty_prompt")
+                    .and_then(|v| v.as_bool())
+                    .unwrap_or(true),
+                None => true,
+            };
+            return Ok(StableDiffusion {
+                unet,
+                trained,
+                vae,
+                text: Arc::new(te1),
+                tokenizer: Arc::new(tok1),
+                pad_id: pad1,
+                xl: Some(XlText {
+                    text: Arc::new(te2),
+                    tokenizer: Arc::new(tok2),
+                    pad_id: pad2,
+                    zero_empty_negative: zero,
+                }),
+                scheduler,
+                info: ModelInfo {
+                    path: path.clone(),
+                    layout: "sgm",
+                    arch: Some(Arch::Sdxl.name()),
+                    prediction_type: prediction,
+                    prediction_source: source,
+                    name: model_name(path),
+                },
+                device: spec.device.clone(),
+                dtype: spec.dtype,
+            });
         }
+        let opts = te_opts("text_encoder")?;
         let (text, te_info) = clip::load_single(path, &all.pairs(), &opts)?;
         let openclip = te_info.layout.contains("OpenCLIP");
         let (tokenizer, pad_id) = match cfg_dir.map(|d| d.join("tokenizer")) {
@@ -383,6 +507,7 @@ impl StableDiffusion {
             text: Arc::new(text),
             tokenizer: Arc::new(tokenizer),
             pad_id,
+            xl: None,
             scheduler,
             info: ModelInfo {
                 path: path.clone(),
@@ -402,16 +527,82 @@ impl StableDiffusion {
         self.tokenizer.encode_padded(text, 77, self.pad_id)
     }
 
-    /// Conditioning `[N, 77, D]` for texts, with A1111's clip skip.
+    /// Conditioning `[N, 77, D]` for texts, with A1111's clip skip. SDXL:
+    /// both encoders' `hidden_states[-(skip + 1)]` side by side (D = 2048),
+    /// as diffusers' `encode_prompt` and SGM's conditioner build it.
     pub fn encode(&self, texts: &[&str], clip_skip: usize) -> Result<Tensor> {
-        let rows: Vec<u32> = texts.iter().flat_map(|t| self.tokenize(t)).collect();
-        let ids = Tensor::from_vec(rows, (texts.len(), 77), &Device::Cpu)
-            .map_err(|e| Error::usage(e.to_string()))?;
-        self.text
-            .forward_skip(&ids, clip_skip)
-            .and_then(|h| h.to_dtype(self.dtype))
-            .and_then(|h| h.to_device(&self.device))
+        let ids = |tok: &ClipTokenizer, pad: u32| {
+            let rows: Vec<u32> = texts
+                .iter()
+                .flat_map(|t| tok.encode_padded(t, 77, pad))
+                .collect();
+            Tensor::from_vec(rows, (texts.len(), 77), &Device::Cpu)
+        };
+        let run = || -> candle_core::Result<Tensor> {
+            let h = match &self.xl {
+                None => self
+                    .text
+                    .forward_skip(&ids(&self.tokenizer, self.pad_id)?, clip_skip)?,
+                Some(xl) => {
+                    let a = self
+                        .text
+                        .forward_hidden(&ids(&self.tokenizer, self.pad_id)?, clip_skip)?;
+                    let b = xl
+                        .text
+                        .forward_hidden(&ids(&xl.tokenizer, xl.pad_id)?, clip_skip)?;
+                    Tensor::cat(&[a, b], 2)?
+                }
+            };
+            h.to_dtype(self.dtype)?.to_device(&self.device)
+        };
+        run().map_err(|e| Error::usage(format!("text encoder failed: {e}")))
+    }
+
+    /// SDXL's extra conditioning for texts at image size `(h, w)`: the
+    /// second encoder's pooled projection and the size ids (original =
+    /// target = the image size, crop (0, 0): the defaults of diffusers'
+    /// pipeline and A1111). None for SD1/SD2.
+    pub fn added(&self, texts: &[&str], size: (usize, usize)) -> Result<Option<Added>> {
+        let Some(xl) = &self.xl else {
+            return Ok(None);
+        };
+        let rows: Vec<u32> = texts
+            .iter()
+            .flat_map(|t| xl.tokenizer.encode_padded(t, 77, xl.pad_id))
+            .collect();
+        let run = || -> candle_core::Result<Added> {
+            let ids = Tensor::from_vec(rows, (texts.len(), 77), &Device::Cpu)?;
+            let pooled = xl.text.forward_pooled(&ids)?;
+            Ok(Added {
+                text_embeds: pooled.to_dtype(self.dtype)?.to_device(&self.device)?,
+                time_ids: self.time_ids(texts.len(), size)?,
+            })
+        };
+        run()
+            .map(Some)
             .map_err(|e| Error::usage(format!("text encoder failed: {e}")))
+    }
+
+    /// One text's whole conditioning `[1, …]` at image size `(h, w)`
+    /// (the trainer's; clip skip 1, as every reference trains).
+    pub fn condition(&self, text: &str, size: (usize, usize)) -> Result<Cond> {
+        Ok(Cond {
+            ctx: self.encode(&[text], 1)?,
+            added: self.added(&[text], size)?,
+        })
+    }
+
+    /// `[n, 6]` size ids: (h, w) original, (0, 0) crop, (h, w) target.
+    pub fn time_ids(&self, n: usize, (h, w): (usize, usize)) -> candle_core::Result<Tensor> {
+        let (h, w) = (h as f32, w as f32);
+        let row = [h, w, 0.0, 0.0, h, w];
+        Tensor::from_vec(row.repeat(n), (n, 6), &self.device)
+    }
+
+    /// Whether `negative` is encoded as zeros (SDXL's
+    /// `force_zeros_for_empty_prompt`: an empty negative prompt).
+    pub fn zeroes_negative(&self, negative: &str) -> bool {
+        negative.is_empty() && self.xl.as_ref().is_some_and(|x| x.zero_empty_negative)
     }
 }
 
@@ -419,8 +610,90 @@ fn arch_of(ctx_dim: usize) -> Option<Arch> {
     match ctx_dim {
         768 => Some(Arch::Sd1),
         1024 => Some(Arch::Sd2),
+        2048 => Some(Arch::Sdxl),
         _ => None,
     }
+}
+
+/// The tokenizer of a single file: `--config`'s folder when it has one,
+/// else the embedded CLIP BPE with SDXL's pads (`<|endoftext|>` for the
+/// first encoder, `!` = id 0 for OpenCLIP's).
+fn single_tokenizer(
+    cfg_dir: Option<&Path>,
+    folder: &str,
+    openclip: bool,
+) -> Result<(ClipTokenizer, u32)> {
+    match cfg_dir.map(|d| d.join(folder)) {
+        Some(t) if t.is_dir() => {
+            let tok = ClipTokenizer::from_folder(&t)?
+                .ok_or_else(|| Error::file(&t, "missing vocab.json + merges.txt"))?;
+            let pad = crate::transport::folder_pad_id(&t, &tok).unwrap_or(if openclip {
+                0
+            } else {
+                tok.eos()
+            });
+            Ok((tok, pad))
+        }
+        _ => Ok((
+            ClipTokenizer::embedded(),
+            if openclip {
+                0
+            } else {
+                crate::transport::gate::EOS
+            },
+        )),
+    }
+}
+
+/// A diffusers text encoder folder with its tokenizer folder and pad id.
+fn folder_text(root: &Path, te: &str, tok: &str) -> Result<(ClipTextModel, ClipTokenizer, u32)> {
+    let (text, _) = clip::load_folder(&root.join(te), &LoadOptions::default())?;
+    let tok_dir = root.join(tok);
+    let tokenizer = ClipTokenizer::from_folder(&tok_dir)?
+        .ok_or_else(|| Error::file(&tok_dir, "missing tokenizer (vocab.json + merges.txt)"))?;
+    let pad_id = crate::transport::folder_pad_id(&tok_dir, &tokenizer).unwrap_or(tokenizer.eos());
+    crate::transport::check_vocab(&text, &tokenizer, pad_id, &root.join(te))?;
+    Ok((text, tokenizer, pad_id))
+}
+
+/// SDXL's widths must fit together: both encoders' hidden sizes make the
+/// UNet's cross-attention width, and the pooled projection plus six size
+/// embeddings make `add_embedding`'s input.
+fn check_xl(
+    unet: &UNetConfig,
+    te1: &ClipTextModel,
+    te2: &ClipTextModel,
+    origin: &Path,
+) -> Result<()> {
+    let ctx = te1.config.hidden_size + te2.config.hidden_size;
+    if ctx != unet.context_dim() {
+        return Err(Error::file(
+            origin,
+            format!(
+                "the text encoders' widths {} + {} do not make the UNet's cross_attention_dim {}",
+                te1.config.hidden_size,
+                te2.config.hidden_size,
+                unet.context_dim()
+            ),
+        ));
+    }
+    let Some(p) = te2.projection_dim() else {
+        return Err(Error::file(
+            origin,
+            "the second text encoder has no text_projection (needed for SDXL's pooled embedding)",
+        ));
+    };
+    let want = p + 6 * unet.addition_time_embed_dim.unwrap_or(0);
+    if Some(want) != unet.projection_class_embeddings_input_dim {
+        return Err(Error::file(
+            origin,
+            format!(
+                "pooled width {p} + 6 × addition_time_embed_dim = {want}, but the UNet's projection_class_embeddings_input_dim is {:?}",
+                unet.projection_class_embeddings_input_dim
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn model_name(path: &Path) -> String {
@@ -460,7 +733,12 @@ fn build_unet(
 }
 
 fn build_vae(store: Store, cfg: VaeConfig, spec: &LoadSpec, origin: &Path) -> Result<Vae> {
-    let vb = store.var_builder(spec.dtype, &spec.device);
+    let dtype = if cfg.force_upcast && spec.dtype == DType::F16 {
+        DType::F32
+    } else {
+        spec.dtype
+    };
+    let vb = store.var_builder(dtype, &spec.device);
     Vae::new(
         Builder::new(vb, Arc::new(AdapterSet::default())),
         cfg,

@@ -8,8 +8,9 @@
 //! adapters. Any diffusers `unet/config.json` of the SD1/SD2 family works:
 //! block widths, layers per block, heads (or, in diffusers' old spelling,
 //! `attention_head_dim` meaning heads), cross-attention width, linear or
-//! 1×1-conv projections, `upcast_attention`. SDXL's extra conditioning
-//! (`addition_embed_type`) is refused until its issue lands.
+//! 1×1-conv projections, `upcast_attention`, and SDXL's per-block
+//! transformer depth with its `text_time` conditioning (pooled text
+//! embedding + size/crop ids through `add_embedding`).
 
 use candle_core::{DType, Result, Tensor, D};
 use serde::Deserialize;
@@ -83,6 +84,14 @@ pub struct UNetConfig {
     pub class_embed_type: Option<String>,
     #[serde(default)]
     pub addition_embed_type: Option<String>,
+    /// SDXL: width of each size/crop id's sinusoidal embedding (256).
+    #[serde(default)]
+    pub addition_time_embed_dim: Option<usize>,
+    /// SDXL: pooled text width + 6 × `addition_time_embed_dim` (2816).
+    #[serde(default)]
+    pub projection_class_embeddings_input_dim: Option<usize>,
+    #[serde(default)]
+    pub reverse_transformer_layers_per_block: Option<serde_json::Value>,
     #[serde(default)]
     pub time_cond_proj_dim: Option<usize>,
     #[serde(default)]
@@ -146,6 +155,20 @@ impl UNetConfig {
         .expect("built-in config")
     }
 
+    /// SDXL 1.0 base's `unet/config.json`.
+    pub fn xl_base() -> Self {
+        serde_json::from_str(
+            r#"{"down_block_types":["DownBlock2D","CrossAttnDownBlock2D","CrossAttnDownBlock2D"],
+                "up_block_types":["CrossAttnUpBlock2D","CrossAttnUpBlock2D","UpBlock2D"],
+                "block_out_channels":[320,640,1280],"attention_head_dim":[5,10,20],
+                "transformer_layers_per_block":[1,2,10],"cross_attention_dim":2048,
+                "use_linear_projection":true,"addition_embed_type":"text_time",
+                "addition_time_embed_dim":256,"projection_class_embeddings_input_dim":2816,
+                "sample_size":128}"#,
+        )
+        .expect("built-in config")
+    }
+
     /// The cross-attention width (the text encoder's hidden size).
     pub fn context_dim(&self) -> usize {
         match &self.cross_attention_dim {
@@ -179,10 +202,23 @@ impl UNetConfig {
             Some("UNetMidBlock2DCrossAttn") => {}
             other => return Err(format!("mid block type {other:?} is not supported")),
         }
-        if let Some(a) = &self.addition_embed_type {
-            return Err(format!(
-                "addition_embed_type `{a}` (SDXL) is not supported yet"
-            ));
+        match self.addition_embed_type.as_deref() {
+            None => {}
+            Some("text_time")
+                if self.addition_time_embed_dim.is_none()
+                    || self.projection_class_embeddings_input_dim.is_none() =>
+            {
+                return Err("addition_embed_type `text_time` needs addition_time_embed_dim and projection_class_embeddings_input_dim".into());
+            }
+            Some("text_time") => {}
+            Some(a) => return Err(format!("addition_embed_type `{a}` is not supported")),
+        }
+        if self
+            .reverse_transformer_layers_per_block
+            .as_ref()
+            .is_some_and(|v| !v.is_null())
+        {
+            return Err("reverse_transformer_layers_per_block is not supported".into());
         }
         if let Some(c) = &self.class_embed_type {
             return Err(format!("class_embed_type `{c}` is not supported"));
@@ -500,6 +536,85 @@ struct MidBlock {
     attentions: Vec<SpatialTransformer>,
 }
 
+/// SDXL's extra conditioning, one row per sample: the second text
+/// encoder's pooled, projected embedding `[B, P]` and the six size ids
+/// `[B, 6]` (original h, w; crop top, left; target h, w) in pixels.
+#[derive(Debug, Clone)]
+pub struct Added {
+    pub text_embeds: Tensor,
+    pub time_ids: Tensor,
+}
+
+impl Added {
+    /// Several row sets stacked (a batch assembled from per-prompt rows).
+    pub fn cat(parts: &[&Added]) -> Result<Added> {
+        let t: Vec<&Tensor> = parts.iter().map(|a| &a.text_embeds).collect();
+        let i: Vec<&Tensor> = parts.iter().map(|a| &a.time_ids).collect();
+        Ok(Added {
+            text_embeds: Tensor::cat(&t, 0)?,
+            time_ids: Tensor::cat(&i, 0)?,
+        })
+    }
+
+    /// The same row repeated `n` times.
+    pub fn repeat(&self, n: usize) -> Result<Added> {
+        Ok(Added {
+            text_embeds: self.text_embeds.repeat((n, 1))?,
+            time_ids: self.time_ids.repeat((n, 1))?,
+        })
+    }
+}
+
+/// Everything the UNet is conditioned on besides the timestep: the text
+/// context `[B, T, D]` and, for SDXL, [`Added`]. Batches are built from
+/// per-text values with [`repeat`](Cond::repeat) and [`cat`](Cond::cat).
+#[derive(Debug, Clone)]
+pub struct Cond {
+    pub ctx: Tensor,
+    pub added: Option<Added>,
+}
+
+impl Cond {
+    /// SD1/SD2: the context alone.
+    pub fn text(ctx: Tensor) -> Cond {
+        Cond { ctx, added: None }
+    }
+
+    /// Every row `n` times (`[a, b]` → `[a, b, a, b, …]`, as `repeat`).
+    pub fn repeat(&self, n: usize) -> Result<Cond> {
+        Ok(Cond {
+            ctx: self.ctx.repeat((n, 1, 1))?,
+            added: self.added.as_ref().map(|a| a.repeat(n)).transpose()?,
+        })
+    }
+
+    /// Rows of several conditionings stacked.
+    pub fn cat(parts: &[&Cond]) -> Result<Cond> {
+        let ctx: Vec<&Tensor> = parts.iter().map(|c| &c.ctx).collect();
+        let added: Option<Vec<&Added>> = parts.iter().map(|c| c.added.as_ref()).collect();
+        Ok(Cond {
+            ctx: Tensor::cat(&ctx, 0)?,
+            added: added.map(|a| Added::cat(&a)).transpose()?,
+        })
+    }
+
+    /// The same texts with other size ids (one `[6]` row for every row).
+    pub fn with_time_ids(&self, ids: Option<&[f32]>) -> Result<Cond> {
+        let (Some(a), Some(ids)) = (&self.added, ids) else {
+            return Ok(self.clone());
+        };
+        let n = a.text_embeds.dim(0)?;
+        let t = Tensor::from_vec(ids.repeat(n), (n, ids.len()), a.text_embeds.device())?;
+        Ok(Cond {
+            ctx: self.ctx.clone(),
+            added: Some(Added {
+                text_embeds: a.text_embeds.clone(),
+                time_ids: t,
+            }),
+        })
+    }
+}
+
 /// The conditional UNet: `(noisy latent [B,C,H,W], timestep per row [B],
 /// text context [B,T,D])` → predicted noise (or v) `[B,C,H,W]`.
 #[derive(Debug)]
@@ -507,6 +622,8 @@ pub struct UNet {
     conv_in: Conv2d,
     time_1: Linear,
     time_2: Linear,
+    /// SDXL's `add_embedding` (linear_1, linear_2).
+    add: Option<(Linear, Linear)>,
     down: Vec<DownBlock>,
     mid: MidBlock,
     up: Vec<UpBlock>,
@@ -533,6 +650,13 @@ impl UNet {
         let conv_in = b.pp("conv_in").conv2d(config.in_channels, ch[0], 3, 1, 1)?;
         let time_1 = b.pp("time_embedding.linear_1").linear(ch[0], temb, true)?;
         let time_2 = b.pp("time_embedding.linear_2").linear(temb, temb, true)?;
+        let add = match config.projection_class_embeddings_input_dim {
+            Some(p) if config.addition_embed_type.is_some() => Some((
+                b.pp("add_embedding.linear_1").linear(p, temb, true)?,
+                b.pp("add_embedding.linear_2").linear(temb, temb, true)?,
+            )),
+            _ => None,
+        };
 
         let mut down = Vec::with_capacity(n);
         let mut c_out = ch[0];
@@ -671,6 +795,7 @@ impl UNet {
             conv_in,
             time_1,
             time_2,
+            add,
             down,
             mid,
             up,
@@ -683,9 +808,8 @@ impl UNet {
     }
 
     /// diffusers' sinusoidal `Timesteps` projection (`flip_sin_to_cos`,
-    /// `freq_shift`), computed in f32 as diffusers does.
-    fn time_proj(&self, t: &Tensor) -> Result<Tensor> {
-        let dim = self.config.block_out_channels[0];
+    /// `freq_shift`) to `dim` channels, computed in f32 as diffusers does.
+    fn time_proj(&self, t: &Tensor, dim: usize) -> Result<Tensor> {
         let half = dim / 2;
         let denom = half as f64 - self.config.freq_shift;
         let freqs: Vec<f32> = (0..half)
@@ -709,6 +833,11 @@ impl UNet {
         }
     }
 
+    /// Whether this UNet needs [`Added`] conditioning (SDXL).
+    pub fn needs_added(&self) -> bool {
+        self.add.is_some()
+    }
+
     /// One denoising call. `timesteps` is `[B]` (f32, fractional for the
     /// Euler family); `rows` gives each adapter's strength per row.
     pub fn forward(
@@ -718,16 +847,58 @@ impl UNet {
         context: &Tensor,
         rows: &Rows,
     ) -> Result<Tensor> {
+        self.forward_added(sample, timesteps, context, None, rows)
+    }
+
+    /// [`forward_added`](Self::forward_added) with both parts of a [`Cond`].
+    pub fn forward_cond(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        cond: &Cond,
+        rows: &Rows,
+    ) -> Result<Tensor> {
+        self.forward_added(sample, timesteps, &cond.ctx, cond.added.as_ref(), rows)
+    }
+
+    /// [`forward`](Self::forward) with SDXL's extra conditioning (required
+    /// when the config has `addition_embed_type`, ignored otherwise).
+    pub fn forward_added(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        context: &Tensor,
+        added: Option<&Added>,
+        rows: &Rows,
+    ) -> Result<Tensor> {
         let dtype = sample.dtype();
         let mut x = if self.config.center_input_sample {
             ((sample * 2.0)? - 1.0)?
         } else {
             sample.clone()
         };
-        let t = self.time_proj(timesteps)?.to_dtype(dtype)?;
-        let emb = self
+        let t = self
+            .time_proj(timesteps, self.config.block_out_channels[0])?
+            .to_dtype(dtype)?;
+        let mut emb = self
             .time_2
             .forward(&self.time_1.forward(&t, rows)?.silu()?, rows)?;
+        if let Some((l1, l2)) = &self.add {
+            let a = added.ok_or_else(|| {
+                candle_core::Error::Msg(
+                    "this UNet (SDXL) needs pooled text embeddings and size ids".into(),
+                )
+            })?;
+            let b = a.time_ids.dim(0)?;
+            let dim = self.config.addition_time_embed_dim.unwrap_or(256);
+            let ids = self
+                .time_proj(&a.time_ids.flatten_all()?, dim)?
+                .reshape((b, ()))?;
+            let x =
+                Tensor::cat(&[&a.text_embeds.to_dtype(DType::F32)?, &ids], 1)?.to_dtype(dtype)?;
+            let aug = l2.forward(&l1.forward(&x, rows)?.silu()?, rows)?;
+            emb = (emb + aug)?;
+        }
         x = self.conv_in.forward(&x, rows)?;
         let mut skips = vec![x.clone()];
         for blk in &self.down {

@@ -40,6 +40,10 @@ pub struct VaeConfig {
     pub down_block_types: Vec<String>,
     #[serde(default)]
     pub up_block_types: Vec<String>,
+    /// SDXL's VAE overflows in fp16: diffusers decodes it in fp32, and so
+    /// does this one (the weights are then kept in f32).
+    #[serde(default)]
+    pub force_upcast: bool,
 }
 
 fn three() -> usize {
@@ -65,6 +69,15 @@ impl VaeConfig {
     /// The SD1/SD2 VAE (`vae/config.json` of SD1.5 and SD2.1).
     pub fn sd() -> Self {
         serde_json::from_str(r#"{"block_out_channels":[128,256,512,512]}"#).expect("built-in")
+    }
+
+    /// SDXL's VAE (`vae/config.json` of SDXL 1.0 base): the same network,
+    /// scaled by 0.13025 and decoded in fp32.
+    pub fn sdxl() -> Self {
+        serde_json::from_str(
+            r#"{"block_out_channels":[128,256,512,512],"scaling_factor":0.13025,"force_upcast":true}"#,
+        )
+        .expect("built-in")
     }
 
     pub fn check(&self) -> std::result::Result<(), String> {
@@ -239,6 +252,10 @@ struct Decoder {
 }
 
 impl Decoder {
+    fn dtype(&self) -> candle_core::DType {
+        self.conv_in.weight.dtype()
+    }
+
     fn new(b: Builder, cfg: &VaeConfig) -> Result<Self> {
         let rch: Vec<usize> = cfg.block_out_channels.iter().rev().copied().collect();
         let g = cfg.norm_num_groups;
@@ -340,6 +357,7 @@ impl Vae {
     /// Latents (already divided by `scaling_factor`) → image in [-1, 1].
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
         let rows = Rows::none();
+        let z = &z.to_dtype(self.decoder.dtype())?;
         let z = match &self.post_quant_conv {
             Some(c) => c.forward(z, &rows)?,
             None => z.clone(),
@@ -355,6 +373,7 @@ impl Vae {
             .encoder
             .as_ref()
             .ok_or_else(|| candle_core::Error::msg("the VAE was loaded without its encoder"))?;
+        let x = &x.to_dtype(self.decoder.dtype())?;
         let mut h = enc.forward(x, &rows)?;
         if let Some(q) = &self.quant_conv {
             h = q.forward(&h, &rows)?;

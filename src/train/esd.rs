@@ -15,6 +15,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use super::{mse, randint, randn, Net, Step, Terms};
 use crate::model::noise::TorchRng;
 use crate::model::scheduler::{self, SchedulerConfig};
+use crate::model::unet::Cond;
 
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
@@ -39,11 +40,11 @@ pub struct Esd {
     /// The model's own scheduler config (the diffusers variant samples
     /// with it, as the pipeline does).
     pub sched: SchedulerConfig,
-    /// `[1, 77, D]`: the concept, the concept to erase it from (`None` =
+    /// `[1, …]`: the concept, the concept to erase it from (`None` =
     /// the concept itself), the empty prompt.
-    pub concept: Tensor,
-    pub from: Option<Tensor>,
-    pub null: Tensor,
+    pub concept: Cond,
+    pub from: Option<Cond>,
+    pub null: Cond,
     pub device: Device,
     pub dtype: DType,
 }
@@ -93,6 +94,7 @@ impl Esd {
                         uncond: &self.null,
                         cond: from,
                         scale: self.guidance,
+                        rescale: 0.0,
                     },
                     d.k,
                     each,
@@ -113,14 +115,13 @@ impl Esd {
                     } else {
                         ac[tau[index - 1]]
                     } as f64;
-                    let e = net.guided(
-                        true,
-                        &x,
-                        ts as f64,
-                        &self.null,
-                        &self.concept,
-                        self.guidance,
-                    )?;
+                    let guide = super::Guide {
+                        uncond: &self.null,
+                        cond: &self.concept,
+                        scale: self.guidance,
+                        rescale: 0.0,
+                    };
+                    let e = net.guided(true, &x, ts as f64, &guide)?;
                     let x0 = ((&x - (&e * (1.0 - a_t).sqrt())?)? / a_t.sqrt())?;
                     x = ((x0 * a_prev.sqrt())? + (e * (1.0 - a_prev).sqrt())?)?;
                     each(48 - index, &x);

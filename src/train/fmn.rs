@@ -77,6 +77,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use super::{randint, randn, Net, Step, Terms};
 use crate::model::nn::AttnProbe;
 use crate::model::noise::TorchRng;
+use crate::model::unet::Cond;
 
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
@@ -149,8 +150,8 @@ pub fn token_mask(ids: &[u32], cids: &[u32], eos: u32, mask: Mask) -> Vec<usize>
 }
 
 pub struct Fmn {
-    /// `[1, 77, D]` of the prompt.
-    pub prompt: Tensor,
+    /// The prompt's conditioning `[1, …]`.
+    pub prompt: Cond,
     /// `[1, 77]` 0/1.
     pub mask: Tensor,
     /// Clean latents `[1, 4, h, w]` to noise (the base model's samples).

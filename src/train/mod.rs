@@ -33,7 +33,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use crate::model::nn::{AttnProbe, Mix, Rows};
 use crate::model::noise::TorchRng;
 use crate::model::scheduler::Scheduler;
-use crate::model::unet::UNet;
+use crate::model::unet::{Cond, UNet};
 
 /// `spm train --method`.
 #[derive(
@@ -119,13 +119,13 @@ impl<'a> Net<'a> {
         Tensor::from_vec(vec![t as f32; b], b, &self.device)
     }
 
-    /// ε(x, t, ctx) with the trained part on or off; `ctx` rows pair with
+    /// ε(x, t, c) with the trained part on or off; `c` rows pair with
     /// `x` rows. An "off" prediction is detached (no graph kept).
-    pub fn eps(&self, on: bool, x: &Tensor, t: f64, ctx: &Tensor) -> Result<Tensor> {
+    pub fn eps(&self, on: bool, x: &Tensor, t: f64, c: &Cond) -> Result<Tensor> {
         let b = x.dim(0)?;
         let out = self
             .unet(on)
-            .forward(x, &self.timesteps(t, b)?, ctx, &self.rows(on, b)?)?;
+            .forward_cond(x, &self.timesteps(t, b)?, c, &self.rows(on, b)?)?;
         Ok(if on { out } else { out.detach() })
     }
 
@@ -134,41 +134,35 @@ impl<'a> Net<'a> {
         &self,
         x: &Tensor,
         t: f64,
-        ctx: &Tensor,
+        c: &Cond,
         probe: std::sync::Arc<AttnProbe>,
     ) -> Result<Tensor> {
         let b = x.dim(0)?;
         let rows = self.rows(true, b)?.with_probe(probe);
-        self.trained.forward(x, &self.timesteps(t, b)?, ctx, &rows)
+        self.trained
+            .forward_cond(x, &self.timesteps(t, b)?, c, &rows)
     }
 
     /// Classifier-free guidance as the references batch it: `[x, x]` with
-    /// `[uncond, cond]`, then `u + g·(c − u)`. Detached: trajectories are
-    /// sampled without gradients in every reference.
-    pub fn guided(
-        &self,
-        on: bool,
-        x: &Tensor,
-        t: f64,
-        uncond: &Tensor,
-        cond: &Tensor,
-        g: f64,
-    ) -> Result<Tensor> {
+    /// `[uncond, cond]`, then `u + g·(c − u)`, and — where `rescale` > 0,
+    /// as `train_spm_xl.py`'s `predict_noise_xl` (0.7) — diffusers'
+    /// `rescale_noise_cfg`. Detached: trajectories are sampled without
+    /// gradients in every reference.
+    pub fn guided(&self, on: bool, x: &Tensor, t: f64, guide: &Guide) -> Result<Tensor> {
         let b = x.dim(0)?;
         let xx = Tensor::cat(&[x, x], 0)?;
-        let ctx = Tensor::cat(&[uncond, cond], 0)?;
+        let c = Cond::cat(&[guide.uncond, guide.cond])?;
         let out = self
             .unet(on)
-            .forward(
-                &xx,
-                &self.timesteps(t, 2 * b)?,
-                &ctx,
-                &self.rows(on, 2 * b)?,
-            )?
+            .forward_cond(&xx, &self.timesteps(t, 2 * b)?, &c, &self.rows(on, 2 * b)?)?
             .detach();
         let u = out.narrow(0, 0, b)?;
         let c = out.narrow(0, b, b)?;
-        &u + ((c - &u)? * g)?
+        let cfg = (&u + ((&c - &u)? * guide.scale)?)?;
+        if guide.rescale == 0.0 {
+            return Ok(cfg);
+        }
+        rescale_noise_cfg(&cfg, &c, guide.rescale)
     }
 
     /// Run `sched` over its first `steps` timesteps from `x` with CFG
@@ -182,11 +176,6 @@ impl<'a> Net<'a> {
         steps: usize,
         mut each: impl FnMut(usize, &Tensor),
     ) -> Result<Tensor> {
-        let Guide {
-            uncond,
-            cond,
-            scale: g,
-        } = guide;
         let shape = x.dims().to_vec();
         let mut x = x;
         let mut rng = TorchRng::manual_seed(0);
@@ -199,7 +188,7 @@ impl<'a> Net<'a> {
                 &self.device,
             )?
             .to_dtype(self.dtype)?;
-            let e = self.guided(on, &xin, t, uncond, cond, g)?;
+            let e = self.guided(on, &xin, t, &guide)?;
             let next = sched.step(&flat(&e)?, i, &cur, &mut rng);
             x = Tensor::from_vec(next, shape.clone(), &self.device)?.to_dtype(self.dtype)?;
             each(i, &x);
@@ -208,11 +197,30 @@ impl<'a> Net<'a> {
     }
 }
 
-/// Classifier-free guidance: `u + scale·(c − u)`.
+/// Classifier-free guidance: `u + scale·(c − u)`, optionally rescaled.
 pub struct Guide<'a> {
-    pub uncond: &'a Tensor,
-    pub cond: &'a Tensor,
+    pub uncond: &'a Cond,
+    pub cond: &'a Cond,
     pub scale: f64,
+    /// diffusers' `guidance_rescale` (0 = off).
+    pub rescale: f64,
+}
+
+/// diffusers' `rescale_noise_cfg`: the guided prediction scaled per sample
+/// to the text prediction's standard deviation (torch's unbiased `std`
+/// over every dimension but the batch), mixed `φ·rescaled + (1 − φ)·cfg`.
+pub fn rescale_noise_cfg(cfg: &Tensor, text: &Tensor, phi: f64) -> Result<Tensor> {
+    let std = |t: &Tensor| -> Result<Tensor> {
+        let b = t.dim(0)?;
+        let f = t.flatten_from(1)?;
+        let n = f.dim(1)?;
+        let mean = f.mean_keepdim(1)?;
+        let var = (f.broadcast_sub(&mean)?.sqr()?.sum_keepdim(1)? / (n as f64 - 1.0))?;
+        var.sqrt()?.reshape((b, 1, 1, 1))
+    };
+    let ratio = (std(text)? / std(cfg)?)?;
+    let rescaled = cfg.broadcast_mul(&ratio)?;
+    (rescaled * phi)? + (cfg * (1.0 - phi))?
 }
 
 /// A tensor's values as f32 (schedulers work on flat f32 latents).

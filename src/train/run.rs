@@ -18,6 +18,7 @@ use crate::io::output::{check_output, OutputKind};
 use crate::model::nn::{error_message, Trainables};
 use crate::model::scheduler;
 use crate::model::sd::{LoadSpec, StableDiffusion};
+use crate::model::unet::Cond;
 
 /// Everything `spm train` was asked; `None` takes the method's reference
 /// default ([`Resolved`]).
@@ -253,9 +254,11 @@ pub enum Built {
     Fmn(Fmn),
 }
 
-/// Embed `text` `[1, 77, D]` (last hidden state: the references ignore clip skip when training).
-fn embed(sd: &StableDiffusion, text: &str) -> Result<Tensor> {
-    sd.encode(&[text], 1)
+/// The conditioning of `text` at a square image of `res` pixels (clip
+/// skip 1: the references ignore it when training; SDXL's size ids at the
+/// training resolution).
+fn embed(sd: &StableDiffusion, text: &str, res: usize) -> Result<Cond> {
+    sd.condition(text, (res, res))
 }
 
 pub fn build_method(
@@ -282,11 +285,12 @@ pub fn build_method(
                 if opts.eta.is_some() {
                     s.guidance_scale = r.eta;
                 }
+                let res = s.resolution;
                 embeds.push(Embeds {
-                    target: embed(sd, &s.target)?,
-                    positive: embed(sd, s.positive())?,
-                    neutral: embed(sd, s.neutral())?,
-                    uncond: embed(sd, s.unconditional())?,
+                    target: embed(sd, &s.target, res)?,
+                    positive: embed(sd, s.positive(), res)?,
+                    neutral: embed(sd, s.neutral(), res)?,
+                    uncond: embed(sd, s.unconditional(), res)?,
                 });
             }
             Built::Spm(Spm {
@@ -295,6 +299,7 @@ pub fn build_method(
                 anchors: opts.anchors,
                 steps: opts.max_denoising_steps,
                 sched: super::spm::reference_ddim(&pred)?,
+                rescale: if sd.xl.is_some() { 0.7 } else { 0.0 },
                 device: sd.device.clone(),
                 dtype: sd.dtype,
             })
@@ -320,8 +325,8 @@ pub fn build_method(
                 m[*c] = 1.0;
             }
             let mask = Tensor::from_vec(m, (1, 77), &sd.device).map_err(ce)?;
-            let prompt = embed(sd, &prompt_text)?;
-            let uncond = embed(sd, "")?;
+            let prompt = embed(sd, &prompt_text, r.resolution)?;
+            let uncond = embed(sd, "", r.resolution)?;
             let cfg = sd.scheduler.clone();
             let alphas = scheduler_alphas(&cfg)?;
             let lat = r.resolution / 8;
@@ -365,6 +370,7 @@ pub fn build_method(
                             uncond: &uncond,
                             cond: &prompt,
                             scale: 7.5,
+                            rescale: 0.0,
                         },
                         opts.fmn_gen_steps,
                         |_, _| {},
@@ -396,9 +402,9 @@ pub fn build_method(
                 steps: opts.esd_steps,
                 latent: (r.resolution / 8, r.resolution / 8),
                 sched: sd.scheduler.clone(),
-                concept: embed(sd, &concept)?,
-                from: from.map(|f| embed(sd, f)).transpose()?,
-                null: embed(sd, "")?,
+                concept: embed(sd, &concept, r.resolution)?,
+                from: from.map(|f| embed(sd, f, r.resolution)).transpose()?,
+                null: embed(sd, "", r.resolution)?,
                 device: sd.device.clone(),
                 dtype: sd.dtype,
             })

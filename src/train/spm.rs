@@ -17,6 +17,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use super::{mse, randint, randn, Net, Step, Terms};
 use crate::model::noise::TorchRng;
 use crate::model::scheduler::{self, Sampler, SchedulerConfig};
+use crate::model::unet::{Added, Cond};
 
 /// One entry of the reference's `prompt.yaml`.
 #[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
@@ -154,12 +155,12 @@ pub enum Anchors {
     All,
 }
 
-/// A setting's text embeddings `[1, 77, D]`.
+/// A setting's conditionings `[1, …]` (SDXL: with pooled embeddings).
 pub struct Embeds {
-    pub target: Tensor,
-    pub positive: Tensor,
-    pub neutral: Tensor,
-    pub uncond: Tensor,
+    pub target: Cond,
+    pub positive: Cond,
+    pub neutral: Cond,
+    pub uncond: Cond,
 }
 
 /// Every random choice of one SPM step.
@@ -171,6 +172,11 @@ pub struct Draws {
     /// `[S, 1, 77, D]` raw normal draws and their scales in `[0.8, 1.2)`.
     pub anchor_noise: Tensor,
     pub anchor_scale: Vec<f64>,
+    /// SDXL (`sample_xl`): the pooled anchors' draws `[S, P]` and scales,
+    /// drawn after the text anchors, and the step's six size ids.
+    pub pooled_noise: Option<Tensor>,
+    pub pooled_scale: Vec<f64>,
+    pub time_ids: Option<Vec<f32>>,
 }
 
 pub struct Spm {
@@ -181,6 +187,9 @@ pub struct Spm {
     pub steps: usize,
     /// The fresh DDIM the reference builds (`create_noise_scheduler`).
     pub sched: SchedulerConfig,
+    /// `guidance_rescale` of the trajectory: 0.7 in `train_spm_xl.py`'s
+    /// `diffusion_xl`, none in `train_spm.py`.
+    pub rescale: f64,
     pub device: Device,
     pub dtype: DType,
 }
@@ -210,23 +219,23 @@ impl Spm {
         d: &Draws,
         each: impl FnMut(usize, &Tensor),
     ) -> Result<Tensor> {
-        let s = &self.settings[d.pair];
         let e = &self.embeds[d.pair];
         let b = d.z.dim(0)?;
         let mut sched = scheduler::build(Some(Sampler::Ddim), &self.sched, self.steps)
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let x = (&d.z * sched.init_noise_sigma())?;
-        let rep = |t: &Tensor| t.repeat((b, 1, 1));
-        let _ = s;
-        {
-            let (u, c) = (rep(&e.uncond)?, rep(&e.target)?);
-            let guide = super::Guide {
-                uncond: &u,
-                cond: &c,
-                scale: 3.0,
-            };
-            net.denoise(true, sched.as_mut(), x, guide, d.k, each)
-        }
+        let ids = d.time_ids.as_deref();
+        let (u, c) = (
+            e.uncond.with_time_ids(ids)?.repeat(b)?,
+            e.target.with_time_ids(ids)?.repeat(b)?,
+        );
+        let guide = super::Guide {
+            uncond: &u,
+            cond: &c,
+            scale: 3.0,
+            rescale: self.rescale,
+        };
+        net.denoise(true, sched.as_mut(), x, guide, d.k, each)
     }
 
     /// The loss at latent `x` (the trajectory's end) for the draws `d`.
@@ -235,7 +244,8 @@ impl Spm {
         let e = &self.embeds[d.pair];
         let b = x.dim(0)?;
         let t = self.query_timestep(d.k);
-        let rep = |t: &Tensor, n: usize| t.repeat((n, 1, 1));
+        let ids = d.time_ids.as_deref();
+        let rep = |c: &Cond, n: usize| c.with_time_ids(ids)?.repeat(n);
         let e_pos = net.eps(false, x, t, &rep(&e.positive, b)?)?;
         let e_neu = net.eps(false, x, t, &rep(&e.neutral, b)?)?;
         let e_tar = net.eps(true, x, t, &rep(&e.target, b)?)?;
@@ -245,21 +255,40 @@ impl Spm {
         let mut parts = vec![("erase", l_erase.to_dtype(DType::F64)?.to_scalar::<f64>()?)];
         let mut total = l_erase;
         if s.action == Action::EraseWithLa {
-            let anchors = self.anchors(d, &e.target)?;
+            let anchors = self.anchors(d, &e.target.ctx)?;
             let sn = anchors.dim(0)?;
             // The anchor batch, `[u, a1, u, a2, …]` halved, or the anchors.
-            let batch = match self.anchors {
-                Anchors::Half => {
-                    let mut list = Vec::with_capacity(2 * sn);
-                    for i in 0..sn {
-                        list.push(e.uncond.clone());
-                        list.push(anchors.get(i)?);
+            let assemble = |u: &Tensor, a: &Tensor| -> Result<Tensor> {
+                match self.anchors {
+                    Anchors::Half => {
+                        let mut list = Vec::with_capacity(2 * sn);
+                        for i in 0..sn {
+                            list.push(u.clone());
+                            list.push(a.get(i)?);
+                        }
+                        Tensor::cat(&list[sn..], 0)
                     }
-                    Tensor::cat(&list[sn..], 0)?
+                    Anchors::All => a.squeeze(1),
                 }
-                Anchors::All => anchors.squeeze(1)?,
             };
-            let n = batch.dim(0)?;
+            let ctx = assemble(&e.uncond.ctx, &anchors)?;
+            let n = ctx.dim(0)?;
+            // SDXL: pooled anchors drawn on their own and batched the same
+            // way beside the text anchors (`sample_xl`).
+            let added = match (&e.uncond.added, &e.target.added) {
+                (Some(ua), Some(ta)) => {
+                    let pooled = self.pooled_anchors(d, &ta.text_embeds)?;
+                    let text_embeds = assemble(&ua.text_embeds, &pooled)?;
+                    let with = e.uncond.with_time_ids(ids)?;
+                    let time_ids = with.added.expect("SDXL").time_ids.get(0)?.unsqueeze(0)?;
+                    Some(Added {
+                        text_embeds,
+                        time_ids: time_ids.repeat((n, 1))?,
+                    })
+                }
+                _ => None,
+            };
+            let batch = Cond { ctx, added };
             let xs = x.repeat((n / b, 1, 1, 1))?;
             let a_on = net.eps(true, &xs, t, &batch)?;
             let a_off = net.eps(false, &xs, t, &batch)?;
@@ -282,21 +311,81 @@ impl Spm {
 
     /// `aᵢ = sᵢ·nᵢ/‖nᵢ‖·‖target‖` (`sampling.py`).
     pub fn anchors(&self, d: &Draws, target: &Tensor) -> Result<Tensor> {
-        let norm = |t: &Tensor| -> Result<f64> {
-            t.to_dtype(DType::F64)?
-                .sqr()?
-                .sum_all()?
-                .sqrt()?
-                .to_scalar::<f64>()
-        };
-        let tn = norm(target)?;
-        let mut out = Vec::new();
-        for (i, s) in d.anchor_scale.iter().enumerate() {
-            let n = d.anchor_noise.get(i)?;
-            let nn = norm(&n)?;
-            out.push(((n / nn)? * (tn * s))?);
+        scaled_anchors(&d.anchor_noise, &d.anchor_scale, target)
+    }
+
+    /// SDXL's pooled anchors `[S, 1, P]`, the same rule on the pooled
+    /// target.
+    pub fn pooled_anchors(&self, d: &Draws, target: &Tensor) -> Result<Tensor> {
+        let noise = d
+            .pooled_noise
+            .as_ref()
+            .ok_or_else(|| candle_core::Error::Msg("SDXL draws without pooled anchors".into()))?;
+        scaled_anchors(&noise.unsqueeze(1)?, &d.pooled_scale, target)
+    }
+}
+
+fn scaled_anchors(noise: &Tensor, scale: &[f64], target: &Tensor) -> Result<Tensor> {
+    let norm = |t: &Tensor| -> Result<f64> {
+        t.to_dtype(DType::F64)?
+            .sqr()?
+            .sum_all()?
+            .sqrt()?
+            .to_scalar::<f64>()
+    };
+    let tn = norm(target)?;
+    let mut out = Vec::new();
+    for (i, s) in scale.iter().enumerate() {
+        let n = noise.get(i)?;
+        let nn = norm(&n)?;
+        out.push(((n / nn)? * (tn * s))?);
+    }
+    Tensor::stack(&out, 0)
+}
+
+/// `sample`'s rejection draw: a normal vector accepted with probability
+/// `1 − cos(target, n)`, and its scale in `[0.8, 1.2)`.
+fn draw_anchor(rng: &mut TorchRng, target: &[f32]) -> (Vec<f32>, f64) {
+    let tn = target
+        .iter()
+        .map(|v| (*v as f64).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    let n = loop {
+        let n = rng.randn(target.len());
+        let dot: f64 = n
+            .iter()
+            .zip(target)
+            .map(|(a, b)| *a as f64 * *b as f64)
+            .sum();
+        let nn = n.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
+        let cos = dot / (nn * tn).max(1e-30);
+        if (rng.rand(1)[0] as f64) < 1.0 - cos {
+            break n;
         }
-        Tensor::stack(&out, 0)
+    };
+    (n, 0.8 + 0.4 * rng.rand(1)[0] as f64)
+}
+
+impl Spm {
+    /// The six size ids of `get_add_time_ids` at `(h, w)`: with
+    /// `dynamic_crops`, an original size 1–3× larger and a random crop.
+    fn time_ids(rng: &mut TorchRng, (h, w): (usize, usize), dynamic_crops: bool) -> Vec<f32> {
+        if !dynamic_crops {
+            return vec![h as f32, w as f32, 0.0, 0.0, h as f32, w as f32];
+        }
+        let scale = rng.rand(1)[0] as f64 * 2.0 + 1.0;
+        let (oh, ow) = ((h as f64 * scale) as usize, (w as f64 * scale) as usize);
+        let top = randint(rng, 0, oh - h + 1);
+        let left = randint(rng, 0, ow - w + 1);
+        vec![
+            oh as f32,
+            ow as f32,
+            top as f32,
+            left as f32,
+            h as f32,
+            w as f32,
+        ]
     }
 }
 
@@ -308,8 +397,14 @@ impl Step for Spm {
         let pair = randint(rng, 0, self.settings.len());
         let s = &self.settings[pair];
         let k = randint(rng, 1, self.steps);
+        // `get_random_resolution_in_bucket`: multiples of 64 from half the
+        // resolution up to (not including) the resolution.
         let (h, w) = if s.dynamic_resolution {
-            (64 * randint(rng, 4, 8), 64 * randint(rng, 4, 8))
+            let (lo, hi) = (
+                s.resolution / 128,
+                (s.resolution / 64).max(s.resolution / 128 + 1),
+            );
+            (64 * randint(rng, lo, hi), 64 * randint(rng, lo, hi))
         } else {
             (s.resolution, s.resolution)
         };
@@ -320,43 +415,50 @@ impl Step for Spm {
             self.dtype,
         )
         .map_err(map)?;
-        let target = super::flat(&self.embeds[pair].target).map_err(map)?;
-        let tn = target
-            .iter()
-            .map(|v| (*v as f64).powi(2))
-            .sum::<f64>()
-            .sqrt();
+        let e = &self.embeds[pair];
+        let time_ids = e
+            .target
+            .added
+            .as_ref()
+            .map(|_| Self::time_ids(rng, (h, w), s.dynamic_crops));
         let sn = s.sampling_batch_size;
-        let mut noise = Vec::with_capacity(sn * target.len());
-        let mut scale = Vec::with_capacity(sn);
-        for _ in 0..sn {
-            // Accept with probability 1 − cos(target, n) (always, in effect).
-            let n = loop {
-                let n = rng.randn(target.len());
-                let dot: f64 = n
-                    .iter()
-                    .zip(&target)
-                    .map(|(a, b)| *a as f64 * *b as f64)
-                    .sum();
-                let nn = n.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
-                let cos = dot / (nn * tn).max(1e-30);
-                if (rng.rand(1)[0] as f64) < 1.0 - cos {
-                    break n;
-                }
-            };
-            noise.extend_from_slice(&n);
-            scale.push(0.8 + 0.4 * rng.rand(1)[0] as f64);
-        }
-        let dims = self.embeds[pair].target.dims().to_vec();
+        // Accept with probability 1 − cos(target, n) (always, in effect).
+        let mut draw_all = |target: &Tensor| -> crate::error::Result<(Vec<f32>, Vec<f64>)> {
+            let target = super::flat(target).map_err(map)?;
+            let mut noise = Vec::with_capacity(sn * target.len());
+            let mut scale = Vec::with_capacity(sn);
+            for _ in 0..sn {
+                let (n, sc) = draw_anchor(rng, &target);
+                noise.extend_from_slice(&n);
+                scale.push(sc);
+            }
+            Ok((noise, scale))
+        };
+        let (noise, scale) = draw_all(&e.target.ctx)?;
+        let dims = e.target.ctx.dims().to_vec();
         let anchor_noise = Tensor::from_vec(noise, (sn, 1, dims[1], dims[2]), &self.device)
             .and_then(|t| t.to_dtype(self.dtype))
             .map_err(map)?;
+        let (pooled_noise, pooled_scale) = match &e.target.added {
+            Some(a) => {
+                let (noise, scale) = draw_all(&a.text_embeds)?;
+                let p = a.text_embeds.dim(1).map_err(map)?;
+                let t = Tensor::from_vec(noise, (sn, p), &self.device)
+                    .and_then(|t| t.to_dtype(self.dtype))
+                    .map_err(map)?;
+                (Some(t), scale)
+            }
+            None => (None, Vec::new()),
+        };
         Ok(Draws {
             pair,
             k,
             z,
             anchor_noise,
             anchor_scale: scale,
+            pooled_noise,
+            pooled_scale,
+            time_ids,
         })
     }
 

@@ -183,11 +183,25 @@ type Scores = Vec<Vec<(Option<f64>, f64)>>;
 /// disconnected): checked between sub-prompts so abandoned work stops.
 pub type Cancel = AtomicBool;
 
+/// SDXL's second encoder with its own tokenizer and pad. With it, FT's
+/// embedding is the conditioning the SDXL UNet sees: both encoders'
+/// penultimate hidden states side by side (77 × 2048), compared by one
+/// cosine; token recall stays on the first tokenizer (the BPE is shared).
+/// The reference has no SDXL FT; this is its natural extension, and SD1/SD2
+/// gates are unchanged.
+#[derive(Clone)]
+pub struct Second {
+    pub encoder: Arc<ClipTextModel>,
+    pub tokenizer: Arc<ClipTokenizer>,
+    pub pad_id: u32,
+}
+
 /// Computes gates; shareable between threads.
 pub struct Engine {
     tokenizer: Arc<ClipTokenizer>,
     encoder: Option<Arc<ClipTextModel>>,
     pad_id: u32,
+    second: Option<Second>,
     membranes: Vec<Prepared>,
     cache: Mutex<lru::LruCache<String, Arc<Scores>>>,
 }
@@ -209,6 +223,7 @@ impl Engine {
             tokenizer,
             encoder,
             pad_id,
+            second: None,
             membranes: Vec::new(),
             cache: Mutex::new(lru::LruCache::new(
                 NonZeroUsize::new(4096).expect("non-zero"),
@@ -223,6 +238,7 @@ impl Engine {
             tokenizer: self.tokenizer.clone(),
             encoder: self.encoder.clone(),
             pad_id: self.pad_id,
+            second: self.second.clone(),
             membranes: Vec::new(),
             cache: Mutex::new(lru::LruCache::new(
                 NonZeroUsize::new(4096).expect("non-zero"),
@@ -230,8 +246,19 @@ impl Engine {
         }
     }
 
+    /// Make this an SDXL engine (before membranes are set).
+    pub fn with_second(mut self, second: Second) -> Engine {
+        self.second = Some(second);
+        self
+    }
+
     pub fn has_encoder(&self) -> bool {
         self.encoder.is_some()
+    }
+
+    /// Whether gates compare SDXL's two-encoder conditioning.
+    pub fn is_xl(&self) -> bool {
+        self.second.is_some()
     }
 
     pub fn membranes(&self) -> impl Iterator<Item = &Membrane> {
@@ -289,8 +316,28 @@ impl Engine {
 
     fn encode_batch(&self, texts: &[&str]) -> Result<Vec<Encoded>> {
         let rows: Vec<Vec<u32>> = texts.iter().map(|t| self.ids(t)).collect();
-        let embeddings: Vec<Option<Vec<f32>>> = match &self.encoder {
-            Some(enc) if !rows.is_empty() => enc.embed(&rows)?.into_iter().map(Some).collect(),
+        let embeddings: Vec<Option<Vec<f32>>> = match (&self.encoder, &self.second) {
+            (Some(enc), None) if !rows.is_empty() => {
+                enc.embed(&rows)?.into_iter().map(Some).collect()
+            }
+            (Some(enc), Some(xl)) if !rows.is_empty() => {
+                // Flattened te1 rows then te2 rows: the same dot product
+                // and norms as the [77, 2048] concatenation, so the same
+                // cosine.
+                let rows2: Vec<Vec<u32>> = texts
+                    .iter()
+                    .map(|t| xl.tokenizer.encode_padded(t, MAX_LEN, xl.pad_id))
+                    .collect();
+                let a = enc.embed_penultimate(&rows)?;
+                let b = xl.encoder.embed_penultimate(&rows2)?;
+                a.into_iter()
+                    .zip(b)
+                    .map(|(mut a, b)| {
+                        a.extend(b);
+                        Some(a)
+                    })
+                    .collect()
+            }
             _ => vec![None; rows.len()],
         };
         // NaN/inf weights give NaN cosines, which JSON can only show as

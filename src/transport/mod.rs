@@ -18,7 +18,8 @@ use tokenizer::ClipTokenizer;
 #[derive(Debug, Clone, Default)]
 pub struct EngineSpec {
     /// A diffusers pipeline root or `text_encoder/` folder, or an SD1/SD2
-    /// single-file checkpoint. None: no encoder (tokenuni only).
+    /// single-file checkpoint; an SDXL pipeline root or SGM single file
+    /// gives both encoders. None: no encoder (tokenuni only).
     pub text_encoder: Option<PathBuf>,
     /// Override the tokenizer's pad id (49407 for SD1, 0 for SD2).
     pub pad_id: Option<u32>,
@@ -82,6 +83,9 @@ pub fn build_engine(spec: &EngineSpec) -> Result<(Engine, Option<EncoderInfo>)> 
     if !path.exists() {
         return Err(Error::file(path, "no such file or folder"));
     }
+    if let Some(built) = build_xl(spec, path)? {
+        return Ok(built);
+    }
     let (model, info) = clip::load(path, &spec.load)?;
     let (tokenizer, folder_pad) = match path.is_dir().then(|| tokenizer_dir(path)).flatten() {
         Some(dir) => {
@@ -103,6 +107,72 @@ pub fn build_engine(spec: &EngineSpec) -> Result<(Engine, Option<EncoderInfo>)> 
         .probe()
         .map_err(|e| Error::file(path, e.to_string()))?;
     Ok((engine, Some(info)))
+}
+
+/// Both SDXL encoders, from a pipeline root (`text_encoder/` +
+/// `text_encoder_2/` with their tokenizers) or an SGM single file
+/// (`conditioner.embedders.0/1`, the embedded BPE, pads EOS and `!`).
+/// None when `path` is not SDXL.
+fn build_xl(spec: &EngineSpec, path: &Path) -> Result<Option<(Engine, Option<EncoderInfo>)>> {
+    let (te1, te2, tok1, tok2, pad1, pad2, info) = if path.is_dir() {
+        if !path.join("text_encoder_2").is_dir() {
+            return Ok(None);
+        }
+        let tok = |name: &str| -> Result<(ClipTokenizer, Option<u32>)> {
+            let dir = path.join(name);
+            let t = ClipTokenizer::from_folder(&dir)?
+                .ok_or_else(|| Error::file(&dir, "missing tokenizer (vocab.json + merges.txt)"))?;
+            let pad = folder_pad_id(&dir, &t);
+            Ok((t, pad))
+        };
+        let (te1, info) = clip::load_folder(&path.join("text_encoder"), &spec.load)?;
+        let (te2, _) = clip::load_folder(&path.join("text_encoder_2"), &spec.load)?;
+        let (tok1, p1) = tok("tokenizer")?;
+        let (tok2, p2) = tok("tokenizer_2")?;
+        let (p1, p2) = (p1.unwrap_or(tok1.eos()), p2.unwrap_or(0));
+        (te1, te2, tok1, tok2, p1, p2, info)
+    } else {
+        let file = crate::io::open_tensor_file(path)?;
+        if !file
+            .tensors
+            .iter()
+            .any(|(k, _)| k.starts_with("conditioner.embedders."))
+        {
+            return Ok(None);
+        }
+        let [(te1, info), (te2, _)] =
+            clip::load_single_xl(path, &file.tensors, [&spec.load, &spec.load])?;
+        (
+            te1,
+            te2,
+            ClipTokenizer::embedded(),
+            ClipTokenizer::embedded(),
+            EOS,
+            0,
+            info,
+        )
+    };
+    if te2.projection_dim().is_none() {
+        return Err(Error::file(
+            path,
+            "the second text encoder has no text_projection: not an SDXL encoder",
+        ));
+    }
+    let pad1 = spec.pad_id.unwrap_or(pad1);
+    check_vocab(&te1, &tok1, pad1, path)?;
+    check_vocab(&te2, &tok2, pad2, path)?;
+    let mut info = info;
+    info.layout = format!("{} + text_encoder_2 (SDXL)", info.layout);
+    info.hidden_size += te2.config.hidden_size;
+    let engine = Engine::new(tok1, Some(te1), pad1).with_second(gate::Second {
+        encoder: std::sync::Arc::new(te2),
+        tokenizer: std::sync::Arc::new(tok2),
+        pad_id: pad2,
+    });
+    engine
+        .probe()
+        .map_err(|e| Error::file(path, e.to_string()))?;
+    Ok(Some((engine, Some(info))))
 }
 
 #[cfg(test)]
