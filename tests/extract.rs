@@ -549,3 +549,73 @@ fn ema_like_base_fires_the_check() {
         "{err}"
     );
 }
+
+/// SDXL: a rank-1 ΔW on one attention layer of the tiny SDXL UNet (a
+/// deep, second transformer block of the last level) comes back exactly,
+/// from the diffusers folder and from the SGM single file as the base, and
+/// the output is an SDXL LoRA `spm inspect` reads. Exact by construction.
+#[test]
+fn sdxl_delta_is_recovered_from_folder_and_sgm_file() {
+    const XL_TO_K: &str = "down_blocks.2.attentions.1.transformer_blocks.1.attn2.to_k.weight";
+    let dir = tempfile::tempdir().unwrap();
+    let xl_unet = fixture("generate/sdxl/unet");
+    let src = xl_unet.join("diffusion_pytorch_model.safetensors");
+    let rows = load(&src).tensors[XL_TO_K].shape[0];
+    let t = dir.path().join("xl_tuned.safetensors");
+    rewrite(&src, &t, |k, tt| {
+        let mut v = f32s(tt);
+        if k == XL_TO_K {
+            add_rank1(&mut v, rows, 0.05, 5);
+        }
+        set_f32s(tt, &v);
+    });
+    let mut want = vec![0f32; load(&src).tensors[XL_TO_K].bytes.len() / 2];
+    add_rank1(&mut want, rows, 0.05, 5);
+    for (i, base) in [xl_unet, fixture("generate/sdxl.safetensors")]
+        .iter()
+        .enumerate()
+    {
+        let out = dir.path().join(format!("xl_lora_{i}.safetensors"));
+        let r = extract_json(&[
+            "--base",
+            p(base),
+            "--tuned",
+            p(&t),
+            "-o",
+            p(&out),
+            "--rank",
+            "2",
+            "--concept",
+            "snoopy",
+        ]);
+        assert_eq!(r["arch"], "sdxl", "{r}");
+        assert_eq!(r["extracted"], 1, "{r}");
+        // The tiny model has 192 of real SDXL's 722 transformer layers.
+        assert_eq!(r["skipped_zero"], 191, "{r}");
+        assert_eq!(r["absent"], 722 - 192, "{r}");
+        assert_eq!(r["base_check"]["verdict"], "ok", "{r}");
+        let l = load(&out);
+        let down: Vec<&String> = l
+            .tensors
+            .keys()
+            .filter(|k| k.ends_with(".lora_down.weight"))
+            .collect();
+        assert_eq!(down.len(), 1, "{down:?}");
+        let key = down[0].trim_end_matches(".lora_down.weight").to_string();
+        let d = common::delta(
+            &l.tensors[&format!("{key}.lora_down.weight")],
+            &l.tensors[&format!("{key}.lora_up.weight")],
+            Some(&l.tensors[&format!("{key}.alpha")]),
+        );
+        let err = d
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - *b as f64).abs())
+            .fold(0.0, f64::max);
+        assert!(err < 1e-6, "{key}: max error {err}");
+        let v: Value =
+            serde_json::from_str(&common::run_ok(&["inspect", p(&out), "--json"])).unwrap();
+        assert_eq!(v["arch"], "sdxl", "{v}");
+        assert_eq!(v["concepts"][0], "snoopy");
+    }
+}

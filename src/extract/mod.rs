@@ -156,11 +156,6 @@ pub fn extract(
     let base = Checkpoint::open(base_path)?;
     let tuned = Checkpoint::open(tuned_path)?;
     let (arch, arch_reason) = match opts.arch {
-        Some(Arch::Sdxl) => {
-            return Err(Error::usage(
-                "extract supports SD1/SD2 so far (SDXL is not implemented)",
-            ))
-        }
         Some(a) => (a, "--arch".to_string()),
         None => base.arch()?,
     };

@@ -83,12 +83,24 @@ impl Checkpoint {
             .any(|t| t.key.starts_with("model.diffusion_model."));
         let layout = if ldm { Layout::Ldm } else { layout };
         let prefixed = all.iter().any(|t| t.key.starts_with("unet."));
-        // SD1/SD2 share one block layout; SDXL is refused by arch detection.
-        let rename = ldm_unet_renamer(ldm_unet_prefixes(
-            &[2, 2, 2, 2],
-            &[true, true, true, false],
-            &[false, true, true, true],
-        ));
+        // SD1/SD2 share one block layout; SGM (SDXL) files have three
+        // levels, the first without attention, and a `label_emb`.
+        let sgm = all
+            .iter()
+            .any(|t| t.key.starts_with("model.diffusion_model.label_emb."));
+        let rename = if sgm {
+            ldm_unet_renamer(ldm_unet_prefixes(
+                &[2, 2, 2],
+                &[false, true, true],
+                &[true, true, false],
+            ))
+        } else {
+            ldm_unet_renamer(ldm_unet_prefixes(
+                &[2, 2, 2, 2],
+                &[true, true, true, false],
+                &[false, true, true, true],
+            ))
+        };
         let mut tensors = Vec::new();
         let mut unmapped = Vec::new();
         for t in all {
@@ -118,7 +130,7 @@ impl Checkpoint {
                 path,
                 k,
                 format!(
-                    "not a key of an SD1/SD2 UNet ({} such keys; SDXL checkpoints are not supported by extract yet)",
+                    "not a key of an SD1/SD2/SDXL UNet ({} such keys)",
                     unmapped.len()
                 ),
             ));
@@ -167,10 +179,13 @@ impl Checkpoint {
     }
 
     /// The architecture from the tensors themselves, so that every layout
-    /// (and the tiny test models) is decided the same way: the
-    /// cross-attention width (768 SD1, 1024 SD2, 2048 SDXL), else the
-    /// projection layout (1×1 conv in SD1, linear in SD2).
+    /// (and the tiny test models) is decided the same way: SDXL's
+    /// `add_embedding`, the cross-attention width (768 SD1, 1024 SD2, 2048
+    /// SDXL), else the projection layout (1×1 conv in SD1, linear in SD2).
     pub fn arch(&self) -> Result<(Arch, String)> {
+        if self.get("add_embedding.linear_1.weight").is_some() {
+            return Ok((Arch::Sdxl, "add_embedding (text-time conditioning)".into()));
+        }
         let ctx = self
             .tensors
             .iter()
@@ -179,12 +194,7 @@ impl Checkpoint {
         match ctx {
             Some(768) => return Ok((Arch::Sd1, "cross-attention width 768".into())),
             Some(1024) => return Ok((Arch::Sd2, "cross-attention width 1024".into())),
-            Some(2048) => {
-                return Err(Error::file(
-                    &self.path,
-                    "an SDXL UNet (cross-attention width 2048): extract supports SD1/SD2 so far",
-                ))
-            }
+            Some(2048) => return Ok((Arch::Sdxl, "cross-attention width 2048".into())),
             _ => {}
         }
         let proj = self
