@@ -166,6 +166,16 @@ fn check_grads_and_step(
         .map(|a| a.iter().map(|v| v.as_str().unwrap().to_string()).collect())
         .unwrap_or_default();
     let mut exact_zero = 0;
+    // SDXL's reference computes every prediction as CFG at g = 1 followed
+    // by the 0.7 guidance rescale — the conditional prediction to 7e-7
+    // relative (the oracle asserts it), which this trainer computes
+    // directly; λ = 1000 on the anchor term lifts that to ~1e-4 in a few
+    // gradients, hence 2e-4 there (1e-4 everywhere else).
+    let tol = if meta[case].get("guidance_rescale").is_some() {
+        2e-4
+    } else {
+        1e-4
+    };
     for (name, var) in &vars {
         let want = &fx[&format!("{case}/grad.{name}")].1;
         match grads.get(var.as_tensor()) {
@@ -181,7 +191,7 @@ fn check_grads_and_step(
                     );
                     exact_zero += 1;
                 } else {
-                    close_l2(&format!("{case} grad {name}"), g, want, 1e-4);
+                    close_l2(&format!("{case} grad {name}"), g, want, tol);
                 }
             }
             None => assert!(
@@ -264,13 +274,32 @@ fn spm_case(arch: &str, case: &str) {
     assert_eq!(train.vars().len(), 384);
     inject(&train, &fx, case);
     let net = net(&sd, true);
-    let emb = |s: &str| Cond::text(sd.encode(&[s], 1).unwrap());
+    let xl = arch == "sdxl";
+    // SDXL: both encoders and the pooled projection (`encode_prompts_xl`).
+    let emb = |s: &str| sd.condition(s, (64, 64)).unwrap();
     close(
         "target embedding",
         &emb("snoopy").ctx,
         &fx["text/out.emb.target"].1,
         1e-5,
     );
+    if xl {
+        for w in ["target", "uncond"] {
+            let text = if w == "target" { "snoopy" } else { "" };
+            close(
+                &format!("{w} pooled"),
+                &emb(text).added.unwrap().text_embeds,
+                &fx[&format!("text/out.pooled.{w}")].1,
+                1e-5,
+            );
+        }
+    }
+    let floats = |key: &str| -> Vec<f64> {
+        m[key]
+            .as_array()
+            .map(|a| a.iter().map(|v| v.as_f64().unwrap()).collect())
+            .unwrap_or_default()
+    };
     let mut s = Setting::new("snoopy", "");
     s.dynamic_resolution = false;
     let spm = Spm {
@@ -284,7 +313,11 @@ fn spm_case(arch: &str, case: &str) {
         anchors: Anchors::Half,
         steps: 30,
         sched: reference_ddim(m["prediction_type"].as_str().unwrap()).unwrap(),
-        rescale: 0.0,
+        rescale: if xl {
+            m["guidance_rescale"].as_f64().unwrap()
+        } else {
+            0.0
+        },
         device: Device::Cpu,
         dtype: DType::F32,
     };
@@ -301,9 +334,9 @@ fn spm_case(arch: &str, case: &str) {
             .iter()
             .map(|v| v.as_f64().unwrap())
             .collect(),
-        pooled_noise: None,
-        pooled_scale: Vec::new(),
-        time_ids: None,
+        pooled_noise: xl.then(|| t(&fx, &format!("{case}/in.pooled_noise"))),
+        pooled_scale: floats("pooled_scale"),
+        time_ids: xl.then(|| floats("time_ids").iter().map(|v| *v as f32).collect()),
     };
     let mut traj = Vec::new();
     let x = spm
@@ -318,7 +351,20 @@ fn spm_case(arch: &str, case: &str) {
         );
     }
     let terms = spm.loss_at(&net, &d, &x).unwrap();
-    for name in ["e_pos", "e_neu", "e_tar", "a_on", "a_off", "anchors"] {
+    let names: &[&str] = if xl {
+        &[
+            "e_pos",
+            "e_neu",
+            "e_tar",
+            "a_on",
+            "a_off",
+            "anchors",
+            "pooled_anchors",
+        ]
+    } else {
+        &["e_pos", "e_neu", "e_tar", "a_on", "a_off", "anchors"]
+    };
+    for &name in names {
         close(
             &format!("{case} {name}"),
             &terms.trace[name],
@@ -383,6 +429,20 @@ fn spm_step_at_init_matches_torch_sd1() {
 #[test]
 fn spm_step_with_trained_membrane_matches_torch_sd1() {
     spm_case("sd1", "warm");
+}
+
+/// `train_spm_xl.py`'s step on the tiny SDXL pipeline: both encoders and
+/// the pooled projection, size ids, guidance rescale 0.7 on the CFG-3
+/// trajectory, text and pooled anchors drawn separately and batched with
+/// the half-batch quirk.
+#[test]
+fn spm_step_at_init_matches_torch_sdxl() {
+    spm_case("sdxl", "init");
+}
+
+#[test]
+fn spm_step_with_trained_membrane_matches_torch_sdxl() {
+    spm_case("sdxl", "warm");
 }
 
 #[test]

@@ -128,8 +128,20 @@ fn check(what: &str, train: &Trainables, loss: impl Fn() -> Terms) {
 /// matter), the erase term and the anchoring term together.
 #[test]
 fn spm_loss_gradient_matches_finite_differences() {
+    spm_fd("sd1");
+}
+
+/// SDXL: the same through the text-time conditioning, with pooled anchors
+/// beside the text anchors and non-trivial size ids.
+#[test]
+fn sdxl_spm_loss_gradient_matches_finite_differences() {
+    spm_fd("sdxl");
+}
+
+fn spm_fd(arch: &str) {
+    let xl = arch == "sdxl";
     let (sd, train) = load(
-        "sd1",
+        arch,
         Trainables::new(3).lora(|p| Method::Spm.selects(p), 1, 1.0),
     );
     assert_eq!(train.modules().len(), 192);
@@ -139,7 +151,8 @@ fn spm_loss_gradient_matches_finite_differences() {
             v.set(&randn(&mut rng, v.dims(), 0.1)).unwrap();
         }
     }
-    let emb = |s: &str| Cond::text(sd.encode(&[s], 1).unwrap());
+    let emb = |s: &str| sd.condition(s, (64, 64)).unwrap();
+    let width = sd.unet.config.context_dim();
     let mut s = Setting::new("snoopy", "");
     s.dynamic_resolution = false;
     let spm = Spm {
@@ -153,7 +166,7 @@ fn spm_loss_gradient_matches_finite_differences() {
         anchors: Anchors::Half,
         steps: 30,
         sched: reference_ddim("epsilon").unwrap(),
-        rescale: 0.0,
+        rescale: if xl { 0.7 } else { 0.0 },
         device: Device::Cpu,
         dtype: DT,
     };
@@ -161,15 +174,21 @@ fn spm_loss_gradient_matches_finite_differences() {
         pair: 0,
         k: 3,
         z: randn(&mut rng, &[1, 4, 8, 8], 1.0),
-        anchor_noise: randn(&mut rng, &[4, 1, 77, 32], 1.0),
+        anchor_noise: randn(&mut rng, &[4, 1, 77, width], 1.0),
         anchor_scale: vec![0.9, 1.1, 1.0, 0.85],
-        pooled_noise: None,
-        pooled_scale: Vec::new(),
-        time_ids: None,
+        pooled_noise: xl.then(|| randn(&mut rng, &[4, 32], 1.0)),
+        pooled_scale: if xl {
+            vec![1.05, 0.95, 1.15, 0.8]
+        } else {
+            Vec::new()
+        },
+        time_ids: xl.then(|| vec![96.0, 80.0, 16.0, 8.0, 64.0, 64.0]),
     };
     let n = net(&sd, true);
     let x = randn(&mut rng, &[1, 4, 8, 8], 1.0);
-    check("spm", &train, || spm.loss_at(&n, &d, &x).unwrap());
+    check(&format!("spm {arch}"), &train, || {
+        spm.loss_at(&n, &d, &x).unwrap()
+    });
 }
 
 fn esd_for(sd: &StableDiffusion) -> Esd {

@@ -279,6 +279,7 @@ impl Spm {
                 (Some(ua), Some(ta)) => {
                     let pooled = self.pooled_anchors(d, &ta.text_embeds)?;
                     let text_embeds = assemble(&ua.text_embeds, &pooled)?;
+                    trace.insert("pooled_anchors".into(), pooled);
                     let with = e.uncond.with_time_ids(ids)?;
                     let time_ids = with.added.expect("SDXL").time_ids.get(0)?.unsqueeze(0)?;
                     Some(Added {
@@ -400,10 +401,9 @@ impl Step for Spm {
         // `get_random_resolution_in_bucket`: multiples of 64 from half the
         // resolution up to (not including) the resolution.
         let (h, w) = if s.dynamic_resolution {
-            let (lo, hi) = (
-                s.resolution / 128,
-                (s.resolution / 64).max(s.resolution / 128 + 1),
-            );
+            // (At least one step of 64, so a tiny test resolution stays valid.)
+            let lo = (s.resolution / 128).max(1);
+            let hi = (s.resolution / 64).max(lo + 1);
             (64 * randint(rng, lo, hi), 64 * randint(rng, lo, hi))
         } else {
             (s.resolution, s.resolution)
