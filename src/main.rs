@@ -332,7 +332,9 @@ enum Command {
 #[derive(clap::Args)]
 struct EncoderArgs {
     /// CLIP text encoder: a diffusers pipeline root or text_encoder/ folder,
-    /// or an SD1/SD2 single-file .safetensors checkpoint.
+    /// or an SD1/SD2 single-file .safetensors checkpoint. An SDXL pipeline
+    /// root or single file loads both encoders: gates then compare the
+    /// 77×2048 conditioning SDXL's UNet sees.
     #[arg(long)]
     text_encoder: Option<PathBuf>,
     /// Tokenizer pad id (default: from the model; 49407 SD1, 0 SD2).

@@ -744,3 +744,25 @@ fn module_counts_per_method_equal_the_spec() {
         }
     }
 }
+
+/// Each method's layer set on the tiny SDXL UNet equals the count of its
+/// rule over diffusers' own module tree (`fixtures/count_sdxl_modules.py`;
+/// ESD-u/ESD-all with `esd_sdxl.py`'s `block`/`emb` rules). Real SDXL:
+/// spm 722, esd-x 280, esd-u 491, esd-all 771, esd-x-strict 140.
+#[test]
+fn sdxl_module_counts_follow_the_sdxl_rules() {
+    for (m, want) in [
+        (Method::Spm, 192),
+        (Method::EsdX, 68),
+        (Method::EsdU, 173),
+        (Method::EsdAll, 241),
+        (Method::EsdXStrict, 34),
+        (Method::Fmn, 68),
+    ] {
+        let (_, train) = load(
+            "sdxl",
+            Trainables::new(0).lora(move |p| m.selects_in(p, true), 1, 1.0),
+        );
+        assert_eq!(train.modules().len(), want, "{}", m.name());
+    }
+}

@@ -606,6 +606,22 @@ impl StableDiffusion {
     }
 }
 
+/// Whether `path` is an SDXL model (a pipeline with `text_encoder_2`, or a
+/// single file with SGM's `conditioner.embedders`), from names alone —
+/// before anything is loaded (the trainer picks SDXL's module rules with
+/// it). False when the path cannot be read; loading then says why.
+pub fn is_xl_model(path: &Path) -> bool {
+    if path.is_dir() {
+        return path.join("text_encoder_2").is_dir();
+    }
+    crate::io::lazy::list(path)
+        .map(|ts| {
+            ts.iter()
+                .any(|t| t.key.starts_with("conditioner.embedders."))
+        })
+        .unwrap_or(false)
+}
+
 fn arch_of(ctx_dim: usize) -> Option<Arch> {
     match ctx_dim {
         768 => Some(Arch::Sd1),

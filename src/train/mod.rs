@@ -73,9 +73,29 @@ impl Method {
         }
     }
 
-    /// The layers the method trains, by dotted diffusers module path
-    /// (trainer-methods.md §1.2 table C, §2.5, spm-reference §1.2).
+    /// The layers the method trains on an SD1/SD2 UNet, by dotted diffusers
+    /// module path (trainer-methods.md §1.2 table C, §2.5, spm-reference
+    /// §1.2).
     pub fn selects(self, path: &str) -> bool {
+        self.selects_in(path, false)
+    }
+
+    /// The same for SDXL when `xl`: `esd_sdxl.py` narrows ESD-u and ESD-all
+    /// to layers inside a block (`block` in the name) and outside every
+    /// embedding (`emb`: the time and text-time embeddings and each
+    /// resnet's `time_emb_proj`), trainer-methods.md §1.2.
+    pub fn selects_in(self, path: &str, xl: bool) -> bool {
+        if xl {
+            match self {
+                Method::EsdU => {
+                    return !path.contains("attn2")
+                        && !path.contains("emb")
+                        && path.contains("block")
+                }
+                Method::EsdAll => return !path.contains("emb") && path.contains("block"),
+                _ => {}
+            }
+        }
         match self {
             // Every Linear/Conv2d inside a Transformer2DModel.
             Method::Spm => path.contains(".attentions."),

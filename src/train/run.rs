@@ -237,13 +237,13 @@ fn ce(e: candle_core::Error) -> Error {
     Error::usage(error_message(&e))
 }
 
-/// The trainable set a method asks for.
-pub fn trainables(method: Method, r: &Resolved) -> Trainables {
+/// The trainable set a method asks for (`xl`: SDXL's module rules).
+pub fn trainables(method: Method, r: &Resolved, xl: bool) -> Trainables {
     let t = Trainables::new(r.seed ^ 0x5eed);
     if r.full {
-        t.full(move |p| method.selects(p))
+        t.full(move |p| method.selects_in(p, xl))
     } else {
-        t.lora(move |p| method.selects(p), r.rank, r.alpha)
+        t.lora(move |p| method.selects_in(p, xl), r.rank, r.alpha)
     }
 }
 
@@ -544,7 +544,11 @@ pub fn run(opts: &TrainOptions, obs: &dyn Observer, cancel: &AtomicBool) -> Resu
         }
     }
     check_output(&state, &inputs, OutputKind::File, true)?;
-    let train = Arc::new(trainables(opts.method, &r));
+    let train = Arc::new(trainables(
+        opts.method,
+        &r,
+        crate::model::sd::is_xl_model(&opts.model),
+    ));
     let spec = LoadSpec {
         model: opts.model.clone(),
         config: opts.config_dir.clone(),
