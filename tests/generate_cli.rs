@@ -312,3 +312,30 @@ fn ctrl_c_stops_cleanly() {
     assert!(err.contains("stopped by Ctrl-C"), "{err}");
     assert!(files(&out).is_empty(), "{:?}", files(&out));
 }
+
+/// SDXL, folder and SGM single file (with `--config`): a grid PNG whose
+/// infotext carries the FT gate computed over both encoders.
+#[test]
+fn sdxl_generates_an_ft_grid_from_folder_and_single_file() {
+    let d = tempfile::tempdir().unwrap();
+    let membrane = gen("sdxl/spm_a.safetensors");
+    for (i, extra) in [vec![], vec!["--config", p(&gen("sdxl"))]]
+        .iter()
+        .enumerate()
+    {
+        let model = if i == 0 {
+            gen("sdxl")
+        } else {
+            gen("sdxl.safetensors")
+        };
+        let out = d.path().join(format!("xl{i}"));
+        let mut args = vec!["--membrane", p(&membrane), "--grid", "snoopy"];
+        args.extend(extra.iter().copied());
+        let (ok, err) = generate(&model, &out, &args);
+        assert!(ok, "{err}");
+        let png = out.join("000-snoopy-grid.png");
+        let text = png_text(&png);
+        assert!(text.contains("SPM gates: spm_a=1.00"), "{text}");
+        assert!(text.contains("Size: 64x64"), "{text}");
+    }
+}
