@@ -82,7 +82,13 @@ fn main() -> candle_core::Result<()> {
     let mut times = Vec::new();
     for _ in 0..runs {
         let s = Instant::now();
-        let y = unet.forward_added(&x.detach(), &t, &ctx.detach(), added.as_ref(), &Rows::none())?;
+        let y = unet.forward_added(
+            &x.detach(),
+            &t,
+            &ctx.detach(),
+            added.as_ref(),
+            &Rows::none(),
+        )?;
         let _ = y.sum_all()?.to_scalar::<f32>()?;
         times.push(s.elapsed().as_secs_f64());
     }

@@ -586,9 +586,29 @@ pub fn run(opts: &TrainOptions, obs: &dyn Observer, cancel: &AtomicBool) -> Resu
         sd.info.name.clone(),
     ))
     .expect("json");
+    // As the reference's `_mem_reduce`: every prompt is encoded now, and
+    // nothing below needs the text encoders or the VAE again (sample grids
+    // load the model anew), so they are freed — ~3 GB in f32 on SDXL.
+    let (device, dtype) = (sd.device.clone(), sd.dtype);
+    let StableDiffusion {
+        unet,
+        trained,
+        text,
+        xl,
+        vae,
+        ..
+    } = sd;
+    drop((text, xl, vae));
+    let net = Net {
+        base: &unet,
+        trained: trained.as_ref().unwrap_or(&unet),
+        lora: !r.full,
+        device: device.clone(),
+        dtype,
+    };
     let mut start = 0;
     if let Some(p) = &opts.resume {
-        start = super::checkpoint::load(p, &mut opt, &fingerprint, &sd.device)?;
+        start = super::checkpoint::load(p, &mut opt, &fingerprint, &device)?;
         obs.note(&format!("resumed at step {start} from {}", p.display()));
     }
     let meta = metadata(opts, &r);
