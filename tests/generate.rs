@@ -6,66 +6,19 @@
 //! is computed by the code under test.
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+mod common;
+
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
+use common::gen::*;
 use spm::adapter::Adapter;
-use spm::generate::{self, GenerateOptions, Progress};
-use spm::io::safetensors::SafetensorsFile;
+use spm::generate::{self, GenerateOptions};
 use spm::model::nn::{AdapterSet, Mix, Rows};
 use spm::model::scheduler::Sampler;
-use spm::model::sd::{adapter_set, LoadSpec, StableDiffusion};
+use spm::model::sd::{adapter_set, StableDiffusion};
 use spm::transport::gate::{Engine, GateOptions, Membrane};
-
-fn gen_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/data/generate")
-}
-
-/// Expected tensors by name, as (shape, f32 values).
-fn expected(arch: &str) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
-    let f = SafetensorsFile::open(&gen_dir().join(format!("expected_{arch}.safetensors"))).unwrap();
-    f.tensors()
-        .into_iter()
-        .map(|(k, t)| (k, (t.shape.clone(), t.to_f32().unwrap())))
-        .collect()
-}
-
-fn tensor(e: &HashMap<String, (Vec<usize>, Vec<f32>)>, k: &str) -> Tensor {
-    let (s, v) = e.get(k).unwrap_or_else(|| panic!("no expected tensor {k}"));
-    Tensor::from_vec(v.clone(), s.clone(), &Device::Cpu).unwrap()
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "lengths differ");
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
-fn values(t: &Tensor) -> Vec<f32> {
-    t.flatten_all().unwrap().to_vec1().unwrap()
-}
-
-fn spec(model: PathBuf, config: Option<PathBuf>) -> LoadSpec {
-    LoadSpec {
-        model,
-        config,
-        device: Device::Cpu,
-        dtype: DType::F32,
-        vae_encoder: true,
-        prediction_type: None,
-        train: None,
-    }
-}
-
-fn membranes(arch: &str) -> Vec<PathBuf> {
-    ["spm_a", "spm_b"]
-        .iter()
-        .map(|m| gen_dir().join(format!("{arch}/{m}.safetensors")))
-        .collect()
-}
 
 /// The model with both membranes attached (slot 0 = spm_a, 1 = spm_b).
 fn load(arch: &str, single_file: bool) -> StableDiffusion {
@@ -235,13 +188,6 @@ fn text_encoder_and_clip_skip_match_transformers() {
     }
 }
 
-struct Quiet;
-impl Progress for Quiet {
-    fn start(&self, _: u64) {}
-    fn step(&self, _: &str) {}
-    fn finish(&self) {}
-}
-
 fn options(
     arch: &str,
     prompt: &str,
@@ -268,15 +214,6 @@ fn options(
         out: std::env::temp_dir(),
         force: false,
     }
-}
-
-/// NCHW [-1,1] decode → NHWC [0,1], diffusers' postprocessing.
-fn image01(t: &Tensor) -> Vec<f32> {
-    let t = ((t / 2.0).unwrap() + 0.5)
-        .unwrap()
-        .clamp(0f32, 1f32)
-        .unwrap();
-    values(&t.permute((0, 2, 3, 1)).unwrap())
 }
 
 // Whole pipelines: 1e-3 on final latents and images (the bound;
@@ -353,33 +290,9 @@ fn ft_generation_matches_a_torch_rendering_of_infer_spm() {
                 .collect(),
         )
         .unwrap();
-    let prompts = ["snoopy", "a photo of a cat", "mickey mouse and snoopy"];
-    let (gates, lat, img) = (&e["ft/gates"].1, &e["ft/latents"].1, &e["ft/images"].1);
-    let (nl, ni) = (lat.len() / 3, img.len() / 3);
-    for (i, p) in prompts.iter().enumerate() {
-        let opts = options("sd1", p, None, membranes("sd1"));
-        let out = generate::sample_prompt(
-            &sd,
-            &sd.scheduler,
-            &opts,
-            Some(&engine),
-            p,
-            &Quiet,
-            &AtomicBool::new(false),
-        )
-        .unwrap();
-        for k in 0..2 {
-            let g = out.gates[k].1.rate as f32;
-            assert!(
-                (g - gates[i * 2 + k]).abs() < 1e-5,
-                "{p} gate {k}: {g} vs {}",
-                gates[i * 2 + k]
-            );
-        }
-        let dl = max_diff(&out.columns[0].latents, &lat[i * nl..(i + 1) * nl]);
-        let di = max_diff(&image01(&out.images[0]), &img[i * ni..(i + 1) * ni]);
-        assert!(dl < 1e-3 && di < 1e-3, "{p}: latents {dl}, image {di}");
-    }
+    check_ft(&sd, &engine, &e, |p| {
+        options("sd1", p, None, membranes("sd1"))
+    });
 }
 
 /// --grid runs none | FT | full in one UNet batch with per-row strengths;

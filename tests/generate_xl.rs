@@ -4,69 +4,20 @@
 //! 0.42.1, transformers, torch 2.15, CPU, f32) on a tiny random
 //! `StableDiffusionXLPipeline`; see fixtures/README.md "SDXL generation
 //! references". Nothing here is computed by the code under test.
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+mod common;
+
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
+use common::gen::*;
 use spm::adapter::Adapter;
-use spm::generate::{self, GenerateOptions, Progress};
-use spm::io::safetensors::SafetensorsFile;
+use spm::generate::{self, GenerateOptions};
 use spm::model::nn::{Mix, Rows};
-use spm::model::sd::{adapter_set, LoadSpec, StableDiffusion};
+use spm::model::sd::{adapter_set, StableDiffusion};
 use spm::model::unet::Added;
 use spm::transport::gate::{Engine, GateOptions, Membrane, Second};
-
-type Expected = HashMap<String, (Vec<usize>, Vec<f32>)>;
-
-fn gen_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/data/generate")
-}
-
-fn expected() -> Expected {
-    let f = SafetensorsFile::open(&gen_dir().join("expected_sdxl.safetensors")).unwrap();
-    f.tensors()
-        .into_iter()
-        .map(|(k, t)| (k, (t.shape.clone(), t.to_f32().unwrap())))
-        .collect()
-}
-
-fn tensor(e: &Expected, k: &str) -> Tensor {
-    let (s, v) = e.get(k).unwrap_or_else(|| panic!("no expected tensor {k}"));
-    Tensor::from_vec(v.clone(), s.clone(), &Device::Cpu).unwrap()
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "lengths differ");
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
-fn values(t: &Tensor) -> Vec<f32> {
-    t.flatten_all().unwrap().to_vec1().unwrap()
-}
-
-fn spec(model: PathBuf, config: Option<PathBuf>) -> LoadSpec {
-    LoadSpec {
-        model,
-        config,
-        device: Device::Cpu,
-        dtype: DType::F32,
-        vae_encoder: false,
-        prediction_type: None,
-        train: None,
-    }
-}
-
-fn membranes() -> Vec<PathBuf> {
-    ["spm_a", "spm_b"]
-        .iter()
-        .map(|m| gen_dir().join(format!("sdxl/{m}.safetensors")))
-        .collect()
-}
 
 fn load(single_file: bool, with: &[PathBuf]) -> StableDiffusion {
     let ads: Vec<Adapter> = with
@@ -92,7 +43,7 @@ const PROMPTS: [&str; 3] = ["a photo of a cat", "snoopy", "a painting by van gog
 /// (with clip skip 2 = diffusers' `clip_skip=1`).
 #[test]
 fn both_text_encoders_match_transformers() {
-    let e = expected();
+    let e = expected("sdxl");
     for single in [false, true] {
         let sd = load(single, &[]);
         let xl = sd.xl.as_ref().expect("SDXL");
@@ -128,7 +79,7 @@ fn both_text_encoders_match_transformers() {
 /// from the SGM single file.
 #[test]
 fn unet_matches_diffusers_with_added_conditioning() {
-    let e = expected();
+    let e = expected("sdxl");
     for single in [false, true] {
         let sd = load(single, &[]);
         assert!(sd.unet.needs_added());
@@ -172,8 +123,8 @@ fn unet_matches_diffusers_with_added_conditioning() {
 /// merged weights diffusers + peft load.
 #[test]
 fn sdxl_membrane_equals_merged_lora_weights() {
-    let e = expected();
-    let sd = load(false, &membranes()[..1]);
+    let e = expected("sdxl");
+    let sd = load(false, &membranes("sdxl")[..1]);
     let added = Added {
         text_embeds: tensor(&e, "unet/text_embeds"),
         time_ids: tensor(&e, "unet/time_ids"),
@@ -196,20 +147,13 @@ fn sdxl_membrane_equals_merged_lora_weights() {
 /// SDXL's VAE: scaling factor 0.13025 from its config, decoded as diffusers.
 #[test]
 fn sdxl_vae_decode_matches_diffusers() {
-    let e = expected();
+    let e = expected("sdxl");
     let sd = load(false, &[]);
     assert!((sd.vae.config.scaling_factor - 0.13025).abs() < 1e-12);
     assert!(sd.vae.config.force_upcast);
     let z = (tensor(&e, "vae/latents") / sd.vae.config.scaling_factor).unwrap();
     let d = max_diff(&values(&sd.vae.decode(&z).unwrap()), &e["vae/decoded"].1);
     assert!(d < 1e-4, "decode: {d}");
-}
-
-struct Quiet;
-impl Progress for Quiet {
-    fn start(&self, _: u64) {}
-    fn step(&self, _: &str) {}
-    fn finish(&self) {}
 }
 
 fn options(prompt: &str, negative: &str, cfg: f64, membranes: Vec<PathBuf>) -> GenerateOptions {
@@ -235,22 +179,13 @@ fn options(prompt: &str, negative: &str, cfg: f64, membranes: Vec<PathBuf>) -> G
     }
 }
 
-/// NCHW [-1,1] decode → NHWC [0,1], diffusers' postprocessing.
-fn image01(t: &Tensor) -> Vec<f32> {
-    let t = ((t / 2.0).unwrap() + 0.5)
-        .unwrap()
-        .clamp(0f32, 1f32)
-        .unwrap();
-    values(&t.permute((0, 2, 3, 1)).unwrap())
-}
-
 /// Whole `StableDiffusionXLPipeline` runs, same seed, the folder's Euler
 /// scheduler: guided with an empty negative (zeroed, as
 /// `force_zeros_for_empty_prompt`), guided with a negative prompt, and
 /// unguided. 1e-3 on latents and images.
 #[test]
 fn sdxl_pipeline_matches_diffusers() {
-    let e = expected();
+    let e = expected("sdxl");
     for single in [false, true] {
         let sd = load(single, &[]);
         for (case, neg, cfg) in [
@@ -291,8 +226,8 @@ fn sdxl_pipeline_matches_diffusers() {
 /// gates and the SDXL pipeline run ≤ 1e-3.
 #[test]
 fn sdxl_ft_generation_matches_a_torch_rendering() {
-    let e = expected();
-    let sd = load(false, &membranes());
+    let e = expected("sdxl");
+    let sd = load(false, &membranes("sdxl"));
     let xl = sd.xl.as_ref().unwrap();
     let mut engine = Engine::shared(sd.tokenizer.clone(), Some(sd.text.clone()), sd.pad_id)
         .with_second(Second {
@@ -302,39 +237,13 @@ fn sdxl_ft_generation_matches_a_torch_rendering() {
         });
     engine
         .set_membranes(
-            membranes()
+            membranes("sdxl")
                 .iter()
                 .map(|p| Membrane::from_file(p).unwrap())
                 .collect(),
         )
         .unwrap();
-    let prompts = ["snoopy", "a photo of a cat", "mickey mouse and snoopy"];
-    let (gates, lat, img) = (&e["ft/gates"].1, &e["ft/latents"].1, &e["ft/images"].1);
-    let (nl, ni) = (lat.len() / 3, img.len() / 3);
-    for (i, p) in prompts.iter().enumerate() {
-        let opts = options(p, "", 5.0, membranes());
-        let out = generate::sample_prompt(
-            &sd,
-            &sd.scheduler,
-            &opts,
-            Some(&engine),
-            p,
-            &Quiet,
-            &AtomicBool::new(false),
-        )
-        .unwrap();
-        for k in 0..2 {
-            let g = out.gates[k].1.rate as f32;
-            assert!(
-                (g - gates[i * 2 + k]).abs() < 1e-5,
-                "{p} gate {k}: {g} vs {}",
-                gates[i * 2 + k]
-            );
-        }
-        let dl = max_diff(&out.columns[0].latents, &lat[i * nl..(i + 1) * nl]);
-        let di = max_diff(&image01(&out.images[0]), &img[i * ni..(i + 1) * ni]);
-        assert!(dl < 1e-3 && di < 1e-3, "{p}: latents {dl}, image {di}");
-    }
+    check_ft(&sd, &engine, &e, |p| options(p, "", 5.0, membranes("sdxl")));
 }
 
 /// `spm gate`'s engine builder reads both SDXL encoders from the pipeline
@@ -345,7 +254,7 @@ fn sdxl_ft_generation_matches_a_torch_rendering() {
 fn gate_engine_loads_sdxl_encoders() {
     use spm::model::clip::LoadOptions;
     use spm::transport::{build_engine, EngineSpec};
-    let e = expected();
+    let e = expected("sdxl");
     let gates = &e["ft/gates"].1;
     let (mut engine, info) = build_engine(&EngineSpec {
         text_encoder: Some(gen_dir().join("sdxl")),
@@ -357,7 +266,7 @@ fn gate_engine_loads_sdxl_encoders() {
     assert_eq!(info.unwrap().hidden_size, 64);
     engine
         .set_membranes(
-            membranes()
+            membranes("sdxl")
                 .iter()
                 .map(|p| Membrane::from_file(p).unwrap())
                 .collect(),

@@ -448,26 +448,7 @@ impl StableDiffusion {
         let opts = te_opts("text_encoder")?;
         let (text, te_info) = clip::load_single(path, &all.pairs(), &opts)?;
         let openclip = te_info.layout.contains("OpenCLIP");
-        let (tokenizer, pad_id) = match cfg_dir.map(|d| d.join("tokenizer")) {
-            Some(t) if t.is_dir() => {
-                let tok = ClipTokenizer::from_folder(&t)?
-                    .ok_or_else(|| Error::file(&t, "missing vocab.json + merges.txt"))?;
-                let pad = crate::transport::folder_pad_id(&t, &tok).unwrap_or(if openclip {
-                    0
-                } else {
-                    tok.eos()
-                });
-                (tok, pad)
-            }
-            _ => (
-                ClipTokenizer::embedded(),
-                if openclip {
-                    0
-                } else {
-                    crate::transport::gate::EOS
-                },
-            ),
-        };
+        let (tokenizer, pad_id) = single_tokenizer(cfg_dir, "tokenizer", openclip)?;
         let mut scheduler = match cfg_dir {
             Some(d) => SchedulerConfig::load(&d.join("scheduler/scheduler_config.json"))?,
             None => SchedulerConfig::from_json(SD_SCHEDULER)?,

@@ -2,6 +2,8 @@
 //! deserializer, an implementation independent of spm's reader.
 #![allow(dead_code)]
 
+pub mod gen;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
