@@ -2,7 +2,7 @@
 //! a cached prompt and tokenuni-only gating, and requests/s of `spm serve`
 //! under a bounded concurrent loopback load.
 //!
-//!   cargo run --release --example gate_bench -- TEXT_ENCODER_DIR [SPM_BINARY]
+//!   cargo run --release --example gate_bench -- TEXT_ENCODER [SPM_BINARY] [NEW_PROMPTS]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -80,6 +80,9 @@ fn main() {
         .get(2)
         .cloned()
         .unwrap_or_else(|| "target/release/spm".into());
+    // How many new prompts to time (SDXL's two encoders take seconds each on
+    // a small CPU).
+    let runs: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(50);
     let t0 = Instant::now();
     let (mut engine, _) = build_engine(&EngineSpec {
         text_encoder: Some(te.clone()),
@@ -93,7 +96,7 @@ fn main() {
         engine.gate(&prompt(10_000 + i), None, &opts).unwrap();
     }
     // New prompts: tokenise + encode + gate against 2 membranes.
-    let new: Vec<f64> = (0..50)
+    let new: Vec<f64> = (0..runs)
         .map(|i| {
             let t = Instant::now();
             engine.gate(&prompt(i), None, &opts).unwrap();
@@ -104,7 +107,7 @@ fn main() {
     let cached: Vec<f64> = (0..2000)
         .map(|i| {
             let t = Instant::now();
-            engine.gate(&prompt(i % 50), None, &opts).unwrap();
+            engine.gate(&prompt(i % runs), None, &opts).unwrap();
             t.elapsed().as_secs_f64() * 1e6
         })
         .collect();
