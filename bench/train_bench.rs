@@ -216,6 +216,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             concept: emb("snoopy")?,
             from: None,
             null: emb("")?,
+            sample_null: None,
             device: dev.clone(),
             dtype: dt,
         }),

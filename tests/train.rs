@@ -462,6 +462,7 @@ fn esd(sd: &StableDiffusion, variant: Variant, eta: f64) -> Esd {
         concept: Cond::text(sd.encode(&["snoopy"], 1).unwrap()),
         from: None,
         null: Cond::text(sd.encode(&[""], 1).unwrap()),
+        sample_null: None,
         device: Device::Cpu,
         dtype: DType::F32,
     }

@@ -179,7 +179,47 @@ fn sdxl_spm_and_esd_train_inspect_and_gate() {
         // The concept itself: cosine 1 over the SDXL conditioning.
         assert!((rate(0).0 - 1.0).abs() < 1e-6, "{g}");
         assert!(rate(1).1.is_some() && rate(1).0 < 1.0, "{g}");
+        if method == "esd-x" {
+            // esd_sdxl.py's own default η.
+            assert_eq!(v["settings"]["eta"], 1.0, "{v}");
+        }
     }
+    // esd_sdxl.py's default lr for esd-x, and the CompVis script refused.
+    let base = |extra: &[&str]| {
+        let out = d.path().join(format!("xl-defaults-{}.safetensors", extra.len()));
+        spm()
+            .args(["train", "--model"])
+            .arg(gen("sdxl"))
+            .args([
+                "--concept",
+                "snoopy",
+                "--method",
+                "esd-x",
+                "--iterations",
+                "1",
+                "--resolution",
+                "64",
+                "--esd-steps",
+                "2",
+                "--json",
+                "-o",
+            ])
+            .arg(&out)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let o = base(&[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["settings"]["lr"], 2e-4, "{v}");
+    let o = base(&["--esd-variant", "compvis"]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("esd_sdxl.py"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 #[test]

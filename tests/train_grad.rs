@@ -202,6 +202,7 @@ fn esd_for(sd: &StableDiffusion) -> Esd {
         concept: Cond::text(sd.encode(&["snoopy"], 1).unwrap()),
         from: None,
         null: Cond::text(sd.encode(&[""], 1).unwrap()),
+        sample_null: None,
         device: Device::Cpu,
         dtype: DT,
     }

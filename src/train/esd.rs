@@ -45,6 +45,9 @@ pub struct Esd {
     pub concept: Cond,
     pub from: Option<Cond>,
     pub null: Cond,
+    /// The unconditional branch of the sampling trajectory when it differs
+    /// from `null` (SDXL: zeros, as the pipeline's empty negative prompt).
+    pub sample_null: Option<Cond>,
     pub device: Device,
     pub dtype: DType,
 }
@@ -91,7 +94,7 @@ impl Esd {
                     sched.as_mut(),
                     x,
                     super::Guide {
-                        uncond: &self.null,
+                        uncond: self.sample_null.as_ref().unwrap_or(&self.null),
                         cond: from,
                         scale: self.guidance,
                         rescale: 0.0,

@@ -93,6 +93,12 @@ pub struct Resolved {
 impl TrainOptions {
     /// Each reference's own defaults (trainer-methods.md §6).
     pub fn resolve(&self) -> Result<Resolved> {
+        self.resolve_for(false)
+    }
+
+    /// The defaults for the model at hand: on SDXL (`xl`), ESD's are
+    /// `esd_sdxl.py`'s (lr 2e-4 for esd-x/esd-x-strict, else 1e-5; η 1).
+    pub fn resolve_for(&self, xl: bool) -> Result<Resolved> {
         let m = self.method;
         let esd = !matches!(m, Method::Spm | Method::Fmn);
         let compvis = esd && self.esd_variant == Variant::CompVis;
@@ -109,6 +115,8 @@ impl TrainOptions {
             Method::Fmn if self.full => 2e-6,
             Method::Fmn => 1e-4,
             _ if compvis => 1e-5,
+            Method::EsdX | Method::EsdXStrict if xl => 2e-4,
+            _ if xl => 1e-5,
             _ => 5e-5,
         });
         let (rule, wd) = match m {
@@ -145,7 +153,7 @@ impl TrainOptions {
                 .first()
                 .map(|s| s.guidance_scale)
                 .unwrap_or(1.0),
-            _ if compvis => 1.0,
+            _ if compvis || xl => 1.0,
             _ => 2.0,
         });
         let resolution = self.resolution.unwrap_or(match m {
@@ -394,17 +402,44 @@ pub fn build_method(
                     "the CompVis ESD variant's DDIM loop is written for ε-prediction models; this one predicts v (use --esd-variant diffusers)",
                 ));
             }
+            let xl = sd.xl.is_some();
+            if xl && opts.esd_variant == Variant::CompVis {
+                return Err(Error::usage(
+                    "the CompVis ESD script is for SD1/SD2 (LDM); SDXL trains as esd_sdxl.py does (the default --esd-variant diffusers)",
+                ));
+            }
             let from = opts.esd_from.as_deref().filter(|f| *f != concept);
+            let null = embed(sd, "", r.resolution)?;
+            // esd_sdxl.py samples through StableDiffusionXLPipeline without a
+            // negative prompt: its unconditional branch is all zeros
+            // (`force_zeros_for_empty_prompt`), while the loss's null
+            // prediction uses the encoding of "" (`negative_prompt=""`).
+            let sample_null = if sd.zeroes_negative("") {
+                Some(Cond {
+                    ctx: null.ctx.zeros_like().map_err(ce)?,
+                    added: match &null.added {
+                        Some(a) => Some(crate::model::unet::Added {
+                            text_embeds: a.text_embeds.zeros_like().map_err(ce)?,
+                            time_ids: a.time_ids.clone(),
+                        }),
+                        None => None,
+                    },
+                })
+            } else {
+                None
+            };
             Built::Esd(Esd {
                 variant: opts.esd_variant,
                 eta: r.eta,
-                guidance: 3.0,
+                // esd_sd.py samples at CFG 3, esd_sdxl.py at 2.
+                guidance: if xl { 2.0 } else { 3.0 },
+                sample_null,
                 steps: opts.esd_steps,
                 latent: (r.resolution / 8, r.resolution / 8),
                 sched: sd.scheduler.clone(),
                 concept: embed(sd, &concept, r.resolution)?,
                 from: from.map(|f| embed(sd, f, r.resolution)).transpose()?,
-                null: embed(sd, "", r.resolution)?,
+                null,
                 device: sd.device.clone(),
                 dtype: sd.dtype,
             })
@@ -517,7 +552,8 @@ impl crate::generate::Progress for NoProgress {
 /// Run the whole job.
 pub fn run(opts: &TrainOptions, obs: &dyn Observer, cancel: &AtomicBool) -> Result<Summary> {
     let started = std::time::Instant::now();
-    let r = opts.resolve()?;
+    let xl = crate::model::sd::is_xl_model(&opts.model);
+    let r = opts.resolve_for(xl)?;
     if opts.sample_every > 0 && (r.full || opts.sample_prompts.is_empty()) {
         return Err(Error::usage(if r.full {
             "--sample-every renders the trained file as a membrane; a --full output is not one"
@@ -544,11 +580,7 @@ pub fn run(opts: &TrainOptions, obs: &dyn Observer, cancel: &AtomicBool) -> Resu
         }
     }
     check_output(&state, &inputs, OutputKind::File, true)?;
-    let train = Arc::new(trainables(
-        opts.method,
-        &r,
-        crate::model::sd::is_xl_model(&opts.model),
-    ));
+    let train = Arc::new(trainables(opts.method, &r, xl));
     let spec = LoadSpec {
         model: opts.model.clone(),
         config: opts.config_dir.clone(),
