@@ -30,7 +30,7 @@ use crate::model::nn::{Mix, Rows};
 use crate::model::noise::TorchRng;
 use crate::model::scheduler::{self, Sampler, Scheduler, SchedulerConfig};
 use crate::model::sd::{adapter_set, LoadSpec, StableDiffusion};
-use crate::model::unet::Added;
+use crate::model::unet::{Added, Cond};
 use crate::transport::gate::{Engine, Gate, GateOptions, Membrane, Second};
 
 /// Everything `spm generate` is asked.
@@ -400,15 +400,13 @@ pub fn sample_prompt(
     let (neg_ctx, neg_added) = if !guided {
         (None, None)
     } else if zero_neg {
-        let z = ctx.zeros_like().map_err(candle("context"))?;
-        let a = match &added {
-            Some(a) => Some(Added {
-                text_embeds: a.text_embeds.zeros_like().map_err(candle("pooled"))?,
-                time_ids: a.time_ids.clone(),
-            }),
-            None => None,
-        };
-        (Some(z), a)
+        let z = Cond {
+            ctx: ctx.clone(),
+            added: added.clone(),
+        }
+        .zeroed()
+        .map_err(candle("negative"))?;
+        (Some(z.ctx), z.added)
     } else {
         (
             Some(sd.encode(&[opts.negative.as_str()], opts.clip_skip)?),

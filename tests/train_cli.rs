@@ -186,7 +186,9 @@ fn sdxl_spm_and_esd_train_inspect_and_gate() {
     }
     // esd_sdxl.py's default lr for esd-x, and the CompVis script refused.
     let base = |extra: &[&str]| {
-        let out = d.path().join(format!("xl-defaults-{}.safetensors", extra.len()));
+        let out = d
+            .path()
+            .join(format!("xl-defaults-{}.safetensors", extra.len()));
         spm()
             .args(["train", "--model"])
             .arg(gen("sdxl"))

@@ -598,6 +598,21 @@ impl Cond {
         })
     }
 
+    /// All-zero conditioning of the same shape, size ids kept: SDXL's empty
+    /// negative prompt under `force_zeros_for_empty_prompt`.
+    pub fn zeroed(&self) -> Result<Cond> {
+        Ok(Cond {
+            ctx: self.ctx.zeros_like()?,
+            added: match &self.added {
+                Some(a) => Some(Added {
+                    text_embeds: a.text_embeds.zeros_like()?,
+                    time_ids: a.time_ids.clone(),
+                }),
+                None => None,
+            },
+        })
+    }
+
     /// The same texts with other size ids (one `[6]` row for every row).
     pub fn with_time_ids(&self, ids: Option<&[f32]>) -> Result<Cond> {
         let (Some(a), Some(ids)) = (&self.added, ids) else {

@@ -415,16 +415,7 @@ pub fn build_method(
             // (`force_zeros_for_empty_prompt`), while the loss's null
             // prediction uses the encoding of "" (`negative_prompt=""`).
             let sample_null = if sd.zeroes_negative("") {
-                Some(Cond {
-                    ctx: null.ctx.zeros_like().map_err(ce)?,
-                    added: match &null.added {
-                        Some(a) => Some(crate::model::unet::Added {
-                            text_embeds: a.text_embeds.zeros_like().map_err(ce)?,
-                            time_ids: a.time_ids.clone(),
-                        }),
-                        None => None,
-                    },
-                })
+                Some(null.zeroed().map_err(ce)?)
             } else {
                 None
             };
