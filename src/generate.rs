@@ -30,7 +30,7 @@ use crate::model::nn::{Mix, Rows};
 use crate::model::noise::TorchRng;
 use crate::model::scheduler::{self, Sampler, Scheduler, SchedulerConfig};
 use crate::model::sd::{adapter_set, LoadSpec, StableDiffusion};
-use crate::model::unet::{Added, Cond};
+use crate::model::unet::Cond;
 use crate::transport::gate::{Engine, Gate, GateOptions, Membrane, Second};
 
 /// Everything `spm generate` is asked.
@@ -391,27 +391,16 @@ pub fn sample_prompt(
             }
         }
     };
-    let ctx = sd.encode(&[prompt], opts.clip_skip)?;
     let size = (opts.height, opts.width);
-    let added = sd.added(&[prompt], size)?;
+    let cond = sd.conditions(&[prompt], opts.clip_skip, size)?;
     // SDXL zeroes an empty negative prompt (text and pooled), as diffusers'
     // `force_zeros_for_empty_prompt` and A1111 do.
-    let zero_neg = sd.zeroes_negative(&opts.negative);
-    let (neg_ctx, neg_added) = if !guided {
-        (None, None)
-    } else if zero_neg {
-        let z = Cond {
-            ctx: ctx.clone(),
-            added: added.clone(),
-        }
-        .zeroed()
-        .map_err(candle("negative"))?;
-        (Some(z.ctx), z.added)
+    let neg = if !guided {
+        None
+    } else if sd.zeroes_negative(&opts.negative) {
+        Some(cond.zeroed().map_err(candle("negative"))?)
     } else {
-        (
-            Some(sd.encode(&[opts.negative.as_str()], opts.clip_skip)?),
-            sd.added(&[opts.negative.as_str()], size)?,
-        )
+        Some(sd.conditions(&[opts.negative.as_str()], opts.clip_skip, size)?)
     };
     let mut jobs: Vec<Job> = Vec::new();
     for &v in &columns {
@@ -434,22 +423,14 @@ pub fn sample_prompt(
     }
     // Rows: per column, [uncond × n, cond × n] (diffusers' order).
     let branches = if guided { 2 } else { 1 };
-    let mut ctx_rows = Vec::new();
-    let mut added_rows: Vec<&Added> = Vec::new();
+    let mut cond_rows: Vec<&Cond> = Vec::new();
     for _ in &jobs {
-        if let Some(neg) = &neg_ctx {
-            ctx_rows.extend(std::iter::repeat_n(neg.clone(), n));
-            added_rows.extend(neg_added.iter().flat_map(|a| std::iter::repeat_n(a, n)));
+        if let Some(neg) = &neg {
+            cond_rows.extend(std::iter::repeat_n(neg, n));
         }
-        ctx_rows.extend(std::iter::repeat_n(ctx.clone(), n));
-        added_rows.extend(added.iter().flat_map(|a| std::iter::repeat_n(a, n)));
+        cond_rows.extend(std::iter::repeat_n(&cond, n));
     }
-    let ctx_all = Tensor::cat(&ctx_rows, 0).map_err(candle("context"))?;
-    let added_all = if added_rows.is_empty() {
-        None
-    } else {
-        Some(Added::cat(&added_rows).map_err(candle("pooled"))?)
-    };
+    let cond_all = Cond::cat(&cond_rows).map_err(candle("conditioning"))?;
     let slot_rows: Vec<Vec<f32>> = (0..slots)
         .map(|k| {
             jobs.iter()
@@ -480,7 +461,7 @@ pub fn sample_prompt(
             .map_err(candle("timestep"))?;
         let out = sd
             .unet
-            .forward_added(&x, &tt, &ctx_all, added_all.as_ref(), &rows)
+            .forward_cond(&x, &tt, &cond_all, &rows)
             .and_then(|o| o.to_dtype(DType::F32))
             .and_then(|o| o.flatten_all())
             .and_then(|o| o.to_vec1::<f32>())

@@ -66,7 +66,7 @@ fn both_text_encoders_match_transformers() {
         let c2 = sd.encode(&PROMPTS, 2).unwrap();
         let d = max_diff(&values(&c2), &e["te/prompt_embeds_skip2"].1);
         assert!(d < 1e-4, "single {single}: clip skip 2 {d}");
-        let a = sd.added(&PROMPTS, (64, 64)).unwrap().unwrap();
+        let a = sd.conditions(&PROMPTS, 1, (64, 64)).unwrap().added.unwrap();
         let d = max_diff(&values(&a.text_embeds), &e["te/pooled_prompt_embeds"].1);
         assert!(d < 1e-4, "single {single}: pooled {d}");
         let d = max_diff(&values(&a.text_embeds), &e["te/pooled_2"].1);

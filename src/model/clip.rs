@@ -233,16 +233,27 @@ impl ClipTextModel {
         self.run(ids, keep)
     }
 
-    /// The pooled, projected embedding `[B, P]` (`text_embeds` of
-    /// `CLIPTextModelWithProjection`): the final-normed last layer at each
-    /// row's EOS, through `text_projection`.
-    pub fn forward_pooled(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+    /// [`forward_hidden`](Self::forward_hidden) and the pooled, projected
+    /// embedding `[B, P]` (`text_embeds` of `CLIPTextModelWithProjection`:
+    /// the final-normed last layer at each row's EOS, through
+    /// `text_projection`) from one pass through the layers — SDXL needs both
+    /// of its second encoder for every prompt.
+    pub fn forward_hidden_pooled(
+        &self,
+        ids: &Tensor,
+        clip_skip: usize,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
         let proj = self.text_projection.as_ref().ok_or_else(|| {
             candle_core::Error::Msg("this text encoder has no text_projection".into())
         })?;
-        let h = self
-            .final_layer_norm
-            .forward(&self.run(ids, self.layers.len())?)?;
+        let keep = self.keep(clip_skip + 1)?;
+        let hidden = self.run(ids, keep)?;
+        let mask = causal_mask(ids.dim(1)?, ids.device())?;
+        let mut x = hidden.clone();
+        for layer in &self.layers[keep..] {
+            x = layer.forward(&x, &mask)?;
+        }
+        let h = self.final_layer_norm.forward(&x)?;
         let rows = ids.to_dtype(DType::U32)?.to_vec2::<u32>()?;
         let legacy = matches!(self.config.eos_token_id, None | Some(2));
         let eos = self.config.eos_token_id.unwrap_or(2);
@@ -262,7 +273,7 @@ impl ClipTextModel {
             };
             picked.push(h.get(b)?.get(pos)?.unsqueeze(0)?);
         }
-        proj.forward(&Tensor::cat(&picked, 0)?)
+        Ok((hidden, proj.forward(&Tensor::cat(&picked, 0)?)?))
     }
 
     /// `last_hidden_state` for a batch of padded id rows (causal attention,

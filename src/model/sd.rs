@@ -512,26 +512,19 @@ impl StableDiffusion {
     /// both encoders' `hidden_states[-(skip + 1)]` side by side (D = 2048),
     /// as diffusers' `encode_prompt` and SGM's conditioner build it.
     pub fn encode(&self, texts: &[&str], clip_skip: usize) -> Result<Tensor> {
-        let ids = |tok: &ClipTokenizer, pad: u32| {
-            let rows: Vec<u32> = texts
-                .iter()
-                .flat_map(|t| tok.encode_padded(t, 77, pad))
-                .collect();
-            Tensor::from_vec(rows, (texts.len(), 77), &Device::Cpu)
-        };
         let run = || -> candle_core::Result<Tensor> {
+            let ids1 = padded_ids(&self.tokenizer, self.pad_id, texts)?;
             let h = match &self.xl {
-                None => self
-                    .text
-                    .forward_skip(&ids(&self.tokenizer, self.pad_id)?, clip_skip)?,
+                None => self.text.forward_skip(&ids1, clip_skip)?,
                 Some(xl) => {
-                    let a = self
-                        .text
-                        .forward_hidden(&ids(&self.tokenizer, self.pad_id)?, clip_skip)?;
-                    let b = xl
-                        .text
-                        .forward_hidden(&ids(&xl.tokenizer, xl.pad_id)?, clip_skip)?;
-                    Tensor::cat(&[a, b], 2)?
+                    let ids2 = padded_ids(&xl.tokenizer, xl.pad_id, texts)?;
+                    Tensor::cat(
+                        &[
+                            self.text.forward_hidden(&ids1, clip_skip)?,
+                            xl.text.forward_hidden(&ids2, clip_skip)?,
+                        ],
+                        2,
+                    )?
                 }
             };
             h.to_dtype(self.dtype)?.to_device(&self.device)
@@ -539,38 +532,40 @@ impl StableDiffusion {
         run().map_err(|e| Error::usage(format!("text encoder failed: {e}")))
     }
 
-    /// SDXL's extra conditioning for texts at image size `(h, w)`: the
-    /// second encoder's pooled projection and the size ids (original =
-    /// target = the image size, crop (0, 0): the defaults of diffusers'
-    /// pipeline and A1111). None for SD1/SD2.
-    pub fn added(&self, texts: &[&str], size: (usize, usize)) -> Result<Option<Added>> {
+    /// The whole conditioning of texts at image size `(h, w)`: the context
+    /// and, for SDXL, the second encoder's pooled projection (from the same
+    /// pass as its hidden state) with the size ids — original = target = the
+    /// image size, crop (0, 0), the defaults of diffusers' pipeline and A1111.
+    pub fn conditions(
+        &self,
+        texts: &[&str],
+        clip_skip: usize,
+        size: (usize, usize),
+    ) -> Result<Cond> {
         let Some(xl) = &self.xl else {
-            return Ok(None);
+            return Ok(Cond::text(self.encode(texts, clip_skip)?));
         };
-        let rows: Vec<u32> = texts
-            .iter()
-            .flat_map(|t| xl.tokenizer.encode_padded(t, 77, xl.pad_id))
-            .collect();
-        let run = || -> candle_core::Result<Added> {
-            let ids = Tensor::from_vec(rows, (texts.len(), 77), &Device::Cpu)?;
-            let pooled = xl.text.forward_pooled(&ids)?;
-            Ok(Added {
-                text_embeds: pooled.to_dtype(self.dtype)?.to_device(&self.device)?,
-                time_ids: self.time_ids(texts.len(), size)?,
+        let run = || -> candle_core::Result<Cond> {
+            let ids1 = padded_ids(&self.tokenizer, self.pad_id, texts)?;
+            let ids2 = padded_ids(&xl.tokenizer, xl.pad_id, texts)?;
+            let a = self.text.forward_hidden(&ids1, clip_skip)?;
+            let (b, pooled) = xl.text.forward_hidden_pooled(&ids2, clip_skip)?;
+            let on = |t: Tensor| t.to_dtype(self.dtype)?.to_device(&self.device);
+            Ok(Cond {
+                ctx: on(Tensor::cat(&[a, b], 2)?)?,
+                added: Some(Added {
+                    text_embeds: on(pooled)?,
+                    time_ids: self.time_ids(texts.len(), size)?,
+                }),
             })
         };
-        run()
-            .map(Some)
-            .map_err(|e| Error::usage(format!("text encoder failed: {e}")))
+        run().map_err(|e| Error::usage(format!("text encoder failed: {e}")))
     }
 
     /// One text's whole conditioning `[1, …]` at image size `(h, w)`
     /// (the trainer's; clip skip 1, as every reference trains).
     pub fn condition(&self, text: &str, size: (usize, usize)) -> Result<Cond> {
-        Ok(Cond {
-            ctx: self.encode(&[text], 1)?,
-            added: self.added(&[text], size)?,
-        })
+        self.conditions(&[text], 1, size)
     }
 
     /// `[n, 6]` size ids: (h, w) original, (0, 0) crop, (h, w) target.
@@ -585,6 +580,15 @@ impl StableDiffusion {
     pub fn zeroes_negative(&self, negative: &str) -> bool {
         negative.is_empty() && self.xl.as_ref().is_some_and(|x| x.zero_empty_negative)
     }
+}
+
+/// Token ids `[N, 77]` of texts, padded with `pad`.
+fn padded_ids(tok: &ClipTokenizer, pad: u32, texts: &[&str]) -> candle_core::Result<Tensor> {
+    let rows: Vec<u32> = texts
+        .iter()
+        .flat_map(|t| tok.encode_padded(t, 77, pad))
+        .collect();
+    Tensor::from_vec(rows, (texts.len(), 77), &Device::Cpu)
 }
 
 /// Whether `path` is an SDXL model (a pipeline with `text_encoder_2`, or a
