@@ -23,6 +23,7 @@ use crate::adapter::Adapter;
 use crate::error::{Error, Result};
 use crate::schemes::{Arch, Component};
 use crate::transport::tokenizer::ClipTokenizer;
+use crate::transport::{check_vocab, encoder_folder, single_file_tokenizer};
 
 /// How to load.
 #[derive(Debug, Clone)]
@@ -227,18 +228,18 @@ impl StableDiffusion {
         let store = Store::from_files(&vae_files, |k| Some(k.to_string()))?;
         let vae = build_vae(store, vae_cfg, spec, &vae_dir)?;
 
-        let (text, tokenizer, pad_id) = folder_text(root, "text_encoder", "tokenizer")?;
+        let no = LoadOptions::default();
+        let (text, _, tokenizer, pad_id) =
+            encoder_folder(root, "text_encoder", "tokenizer", &no, false)?;
         let xl = if is_xl {
-            let (text2, tokenizer, pad_id) = folder_text(root, "text_encoder_2", "tokenizer_2")?;
+            let (text2, _, tokenizer, pad_id) =
+                encoder_folder(root, "text_encoder_2", "tokenizer_2", &no, true)?;
             check_xl(&unet.config, &text, &text2, root)?;
             Some(XlText {
                 text: Arc::new(text2),
                 tokenizer: Arc::new(tokenizer),
                 pad_id,
-                zero_empty_negative: idx
-                    .get("force_zeros_for_empty_prompt")
-                    .and_then(|v| v.as_bool())
-                    .unwrap_or(true),
+                zero_empty_negative: zeroes_empty_negative(Some(&idx)),
             })
         } else {
             None
@@ -383,74 +384,42 @@ impl StableDiffusion {
             }
             Ok(opts)
         };
-        if is_xl {
-            let pairs = all.pairs();
+        // The text side: SDXL's two encoders, or SD1/SD2's one.
+        let pairs = all.pairs();
+        let (text, tokenizer, pad_id, xl) = if is_xl {
             let [(te1, _), (te2, _)] = clip::load_single_xl(
                 path,
                 &pairs,
                 [&te_opts("text_encoder")?, &te_opts("text_encoder_2")?],
             )?;
-            drop(pairs);
             check_xl(&unet.config, &te1, &te2, path)?;
-            let (tok1, pad1) = single_tokenizer(cfg_dir, "tokenizer", false)?;
-            let (tok2, pad2) = single_tokenizer(cfg_dir, "tokenizer_2", true)?;
-            crate::transport::check_vocab(&te1, &tok1, pad1, path)?;
-            crate::transport::check_vocab(&te2, &tok2, pad2, path)?;
-            let mut scheduler = match cfg_dir {
-                Some(d) => SchedulerConfig::load(&d.join("scheduler/scheduler_config.json"))?,
-                None => SchedulerConfig::from_json(SDXL_SCHEDULER)?,
+            let (tok1, pad1) = single_file_tokenizer(cfg_dir, "tokenizer", false)?;
+            let (tok2, pad2) = single_file_tokenizer(cfg_dir, "tokenizer_2", true)?;
+            check_vocab(&te2, &tok2, pad2, path)?;
+            let index = match cfg_dir {
+                Some(d) => Some(load::read_config::<serde_json::Value>(
+                    &d.join("model_index.json"),
+                )?),
+                None => None,
             };
-            let (prediction, source) = if has_v_key {
-                ("v_prediction", "the checkpoint's `v_pred` key")
-            } else if cfg_dir.is_some() {
-                (
-                    scheduler.prediction_type.as_deref().unwrap_or("epsilon"),
-                    "--config scheduler/scheduler_config.json",
-                )
-            } else {
-                ("epsilon", "SDXL default")
+            let xl = XlText {
+                text: Arc::new(te2),
+                tokenizer: Arc::new(tok2),
+                pad_id: pad2,
+                zero_empty_negative: zeroes_empty_negative(index.as_ref()),
             };
-            let (prediction, source) = (prediction.to_string(), source.to_string());
-            scheduler.prediction_type = Some(prediction.clone());
-            let zero = match cfg_dir {
-                Some(d) => load::read_config::<serde_json::Value>(&d.join("model_index.json"))?
-                    .get("force_zeros_for_empty_prompt")
-                    .and_then(|v| v.as_bool())
-                    .unwrap_or(true),
-                None => true,
-            };
-            return Ok(StableDiffusion {
-                unet,
-                trained,
-                vae,
-                text: Arc::new(te1),
-                tokenizer: Arc::new(tok1),
-                pad_id: pad1,
-                xl: Some(XlText {
-                    text: Arc::new(te2),
-                    tokenizer: Arc::new(tok2),
-                    pad_id: pad2,
-                    zero_empty_negative: zero,
-                }),
-                scheduler,
-                info: ModelInfo {
-                    path: path.clone(),
-                    layout: "sgm",
-                    arch: Some(Arch::Sdxl.name()),
-                    prediction_type: prediction,
-                    prediction_source: source,
-                    name: model_name(path),
-                },
-                device: spec.device.clone(),
-                dtype: spec.dtype,
-            });
-        }
-        let opts = te_opts("text_encoder")?;
-        let (text, te_info) = clip::load_single(path, &all.pairs(), &opts)?;
-        let openclip = te_info.layout.contains("OpenCLIP");
-        let (tokenizer, pad_id) = single_tokenizer(cfg_dir, "tokenizer", openclip)?;
+            (te1, tok1, pad1, Some(xl))
+        } else {
+            let (text, te_info) = clip::load_single(path, &pairs, &te_opts("text_encoder")?)?;
+            let openclip = te_info.layout.contains("OpenCLIP");
+            let (tokenizer, pad_id) = single_file_tokenizer(cfg_dir, "tokenizer", openclip)?;
+            (text, tokenizer, pad_id, None)
+        };
+        drop(pairs);
+        check_vocab(&text, &tokenizer, pad_id, path)?;
         let mut scheduler = match cfg_dir {
             Some(d) => SchedulerConfig::load(&d.join("scheduler/scheduler_config.json"))?,
+            None if is_xl => SchedulerConfig::from_json(SDXL_SCHEDULER)?,
             None => SchedulerConfig::from_json(SD_SCHEDULER)?,
         };
         let (prediction, source) = if has_v_key {
@@ -473,14 +442,14 @@ impl StableDiffusion {
                 "A1111's probe: mean(UNet(0.5, t=999) − 0.5) < −1 means v".to_string(),
             )
         } else {
-            ("epsilon".to_string(), "SD1 default".to_string())
+            let default = if is_xl { "SDXL default" } else { "SD1 default" };
+            ("epsilon".to_string(), default.to_string())
         };
         scheduler.prediction_type = Some(prediction.clone());
-        if cfg_dir.is_none() && prediction == "v_prediction" {
+        if cfg_dir.is_none() && !is_xl && prediction == "v_prediction" {
             // SD2-768's own scheduler (stabilityai/stable-diffusion-2-1).
             scheduler.class_name = Some("DDIMScheduler".into());
         }
-        crate::transport::check_vocab(&text, &tokenizer, pad_id, path)?;
         Ok(StableDiffusion {
             unet,
             trained,
@@ -488,12 +457,16 @@ impl StableDiffusion {
             text: Arc::new(text),
             tokenizer: Arc::new(tokenizer),
             pad_id,
-            xl: None,
+            xl,
             scheduler,
             info: ModelInfo {
                 path: path.clone(),
-                layout: "ldm",
-                arch: arch.map(Arch::name),
+                layout: if is_xl { "sgm" } else { "ldm" },
+                arch: if is_xl {
+                    Some(Arch::Sdxl.name())
+                } else {
+                    arch.map(Arch::name)
+                },
                 prediction_type: prediction,
                 prediction_source: source,
                 name: model_name(path),
@@ -616,45 +589,13 @@ fn arch_of(ctx_dim: usize) -> Option<Arch> {
     }
 }
 
-/// The tokenizer of a single file: `--config`'s folder when it has one,
-/// else the embedded CLIP BPE with SDXL's pads (`<|endoftext|>` for the
-/// first encoder, `!` = id 0 for OpenCLIP's).
-fn single_tokenizer(
-    cfg_dir: Option<&Path>,
-    folder: &str,
-    openclip: bool,
-) -> Result<(ClipTokenizer, u32)> {
-    match cfg_dir.map(|d| d.join(folder)) {
-        Some(t) if t.is_dir() => {
-            let tok = ClipTokenizer::from_folder(&t)?
-                .ok_or_else(|| Error::file(&t, "missing vocab.json + merges.txt"))?;
-            let pad = crate::transport::folder_pad_id(&t, &tok).unwrap_or(if openclip {
-                0
-            } else {
-                tok.eos()
-            });
-            Ok((tok, pad))
-        }
-        _ => Ok((
-            ClipTokenizer::embedded(),
-            if openclip {
-                0
-            } else {
-                crate::transport::gate::EOS
-            },
-        )),
-    }
-}
-
-/// A diffusers text encoder folder with its tokenizer folder and pad id.
-fn folder_text(root: &Path, te: &str, tok: &str) -> Result<(ClipTextModel, ClipTokenizer, u32)> {
-    let (text, _) = clip::load_folder(&root.join(te), &LoadOptions::default())?;
-    let tok_dir = root.join(tok);
-    let tokenizer = ClipTokenizer::from_folder(&tok_dir)?
-        .ok_or_else(|| Error::file(&tok_dir, "missing tokenizer (vocab.json + merges.txt)"))?;
-    let pad_id = crate::transport::folder_pad_id(&tok_dir, &tokenizer).unwrap_or(tokenizer.eos());
-    crate::transport::check_vocab(&text, &tokenizer, pad_id, &root.join(te))?;
-    Ok((text, tokenizer, pad_id))
+/// `force_zeros_for_empty_prompt` of a pipeline's `model_index.json`
+/// (true when absent or without an index, as SDXL base and A1111 do).
+fn zeroes_empty_negative(index: Option<&serde_json::Value>) -> bool {
+    index
+        .and_then(|i| i.get("force_zeros_for_empty_prompt"))
+        .and_then(|v| v.as_bool())
+        .unwrap_or(true)
 }
 
 /// SDXL's widths must fit together: both encoders' hidden sizes make the

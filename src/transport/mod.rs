@@ -10,6 +10,7 @@ pub mod tokenizer;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
+use crate::io::tensor::RawTensor;
 use crate::model::clip::{self, ClipTextModel, EncoderInfo, LoadOptions};
 use gate::{Engine, EOS};
 use tokenizer::ClipTokenizer;
@@ -74,7 +75,47 @@ pub(crate) fn check_vocab(
     Ok(())
 }
 
-/// Load tokenizer and (optionally) text encoder and make an engine.
+/// A diffusers text-encoder folder `root/te` with its tokenizer folder
+/// `root/tok`: the model, where it came from, the tokenizer and its pad id
+/// (the folder's, else EOS, or `!` = 0 for an OpenCLIP encoder), checked
+/// against each other. SD pipelines and both halves of SDXL's go through it.
+pub(crate) fn encoder_folder(
+    root: &Path,
+    te: &str,
+    tok: &str,
+    opts: &LoadOptions,
+    openclip: bool,
+) -> Result<(ClipTextModel, EncoderInfo, ClipTokenizer, u32)> {
+    let (model, info) = clip::load_folder(&root.join(te), opts)?;
+    let dir = root.join(tok);
+    let tokenizer = ClipTokenizer::from_folder(&dir)?
+        .ok_or_else(|| Error::file(&dir, "missing tokenizer (vocab.json + merges.txt)"))?;
+    let pad = folder_pad_id(&dir, &tokenizer).unwrap_or(if openclip { 0 } else { tokenizer.eos() });
+    check_vocab(&model, &tokenizer, pad, &root.join(te))?;
+    Ok((model, info, tokenizer, pad))
+}
+
+/// The tokenizer of a single-file checkpoint: `config_dir/folder` when
+/// given and present, else the embedded CLIP BPE; pad as the folder says,
+/// else EOS, or `!` = 0 for an OpenCLIP encoder.
+pub(crate) fn single_file_tokenizer(
+    config_dir: Option<&Path>,
+    folder: &str,
+    openclip: bool,
+) -> Result<(ClipTokenizer, u32)> {
+    match config_dir.map(|d| d.join(folder)) {
+        Some(t) if t.is_dir() => {
+            let tok = ClipTokenizer::from_folder(&t)?
+                .ok_or_else(|| Error::file(&t, "missing vocab.json + merges.txt"))?;
+            let pad = folder_pad_id(&t, &tok).unwrap_or(if openclip { 0 } else { tok.eos() });
+            Ok((tok, pad))
+        }
+        _ => Ok((ClipTokenizer::embedded(), if openclip { 0 } else { EOS })),
+    }
+}
+
+/// Load tokenizer and (optionally) text encoder and make an engine. A
+/// single file is opened once, whichever architecture it turns out to be.
 pub fn build_engine(spec: &EngineSpec) -> Result<(Engine, Option<EncoderInfo>)> {
     let Some(path) = &spec.text_encoder else {
         let pad = spec.pad_id.unwrap_or(EOS);
@@ -83,10 +124,23 @@ pub fn build_engine(spec: &EngineSpec) -> Result<(Engine, Option<EncoderInfo>)> 
     if !path.exists() {
         return Err(Error::file(path, "no such file or folder"));
     }
-    if let Some(built) = build_xl(spec, path)? {
-        return Ok(built);
-    }
-    let (model, info) = clip::load(path, &spec.load)?;
+    let (model, info) = if path.is_dir() {
+        if path.join("text_encoder_2").is_dir() {
+            return build_xl(spec, path, None);
+        }
+        clip::load(path, &spec.load)?
+    } else {
+        // `.safetensors` through a memory map, `.ckpt` pickles read as data.
+        let file = crate::io::open_tensor_file(path)?;
+        if file
+            .tensors
+            .iter()
+            .any(|(k, _)| k.starts_with("conditioner.embedders."))
+        {
+            return build_xl(spec, path, Some(&file.tensors));
+        }
+        clip::load_single(path, &file.tensors, &spec.load)?
+    };
     let (tokenizer, folder_pad) = match path.is_dir().then(|| tokenizer_dir(path)).flatten() {
         Some(dir) => {
             let tok = ClipTokenizer::from_files(&dir.join("vocab.json"), &dir.join("merges.txt"))?;
@@ -110,47 +164,28 @@ pub fn build_engine(spec: &EngineSpec) -> Result<(Engine, Option<EncoderInfo>)> 
 }
 
 /// Both SDXL encoders, from a pipeline root (`text_encoder/` +
-/// `text_encoder_2/` with their tokenizers) or an SGM single file
-/// (`conditioner.embedders.0/1`, the embedded BPE, pads EOS and `!`).
-/// None when `path` is not SDXL.
-fn build_xl(spec: &EngineSpec, path: &Path) -> Result<Option<(Engine, Option<EncoderInfo>)>> {
-    let (te1, te2, tok1, tok2, pad1, pad2, info) = if path.is_dir() {
-        if !path.join("text_encoder_2").is_dir() {
-            return Ok(None);
+/// `text_encoder_2/` with their tokenizers) or the tensors of an SGM single
+/// file (`conditioner.embedders.0/1`, the embedded BPE, pads EOS and `!`).
+fn build_xl(
+    spec: &EngineSpec,
+    path: &Path,
+    single: Option<&[(String, RawTensor)]>,
+) -> Result<(Engine, Option<EncoderInfo>)> {
+    let ((te1, mut info, tok1, pad1), (te2, tok2, pad2)) = match single {
+        None => {
+            let first = encoder_folder(path, "text_encoder", "tokenizer", &spec.load, false)?;
+            let (te2, _, tok2, pad2) =
+                encoder_folder(path, "text_encoder_2", "tokenizer_2", &spec.load, true)?;
+            (first, (te2, tok2, pad2))
         }
-        let tok = |name: &str| -> Result<(ClipTokenizer, Option<u32>)> {
-            let dir = path.join(name);
-            let t = ClipTokenizer::from_folder(&dir)?
-                .ok_or_else(|| Error::file(&dir, "missing tokenizer (vocab.json + merges.txt)"))?;
-            let pad = folder_pad_id(&dir, &t);
-            Ok((t, pad))
-        };
-        let (te1, info) = clip::load_folder(&path.join("text_encoder"), &spec.load)?;
-        let (te2, _) = clip::load_folder(&path.join("text_encoder_2"), &spec.load)?;
-        let (tok1, p1) = tok("tokenizer")?;
-        let (tok2, p2) = tok("tokenizer_2")?;
-        let (p1, p2) = (p1.unwrap_or(tok1.eos()), p2.unwrap_or(0));
-        (te1, te2, tok1, tok2, p1, p2, info)
-    } else {
-        let file = crate::io::open_tensor_file(path)?;
-        if !file
-            .tensors
-            .iter()
-            .any(|(k, _)| k.starts_with("conditioner.embedders."))
-        {
-            return Ok(None);
+        Some(tensors) => {
+            let [(te1, info), (te2, _)] =
+                clip::load_single_xl(path, tensors, [&spec.load, &spec.load])?;
+            let (tok1, pad1) = single_file_tokenizer(None, "tokenizer", false)?;
+            let (tok2, pad2) = single_file_tokenizer(None, "tokenizer_2", true)?;
+            check_vocab(&te2, &tok2, pad2, path)?;
+            ((te1, info, tok1, pad1), (te2, tok2, pad2))
         }
-        let [(te1, info), (te2, _)] =
-            clip::load_single_xl(path, &file.tensors, [&spec.load, &spec.load])?;
-        (
-            te1,
-            te2,
-            ClipTokenizer::embedded(),
-            ClipTokenizer::embedded(),
-            EOS,
-            0,
-            info,
-        )
     };
     if te2.projection_dim().is_none() {
         return Err(Error::file(
@@ -160,8 +195,6 @@ fn build_xl(spec: &EngineSpec, path: &Path) -> Result<Option<(Engine, Option<Enc
     }
     let pad1 = spec.pad_id.unwrap_or(pad1);
     check_vocab(&te1, &tok1, pad1, path)?;
-    check_vocab(&te2, &tok2, pad2, path)?;
-    let mut info = info;
     info.layout = format!("{} + text_encoder_2 (SDXL)", info.layout);
     info.hidden_size += te2.config.hidden_size;
     let engine = Engine::new(tok1, Some(te1), pad1).with_second(gate::Second {
@@ -172,7 +205,7 @@ fn build_xl(spec: &EngineSpec, path: &Path) -> Result<Option<(Engine, Option<Enc
     engine
         .probe()
         .map_err(|e| Error::file(path, e.to_string()))?;
-    Ok(Some((engine, Some(info))))
+    Ok((engine, Some(info)))
 }
 
 #[cfg(test)]
