@@ -280,16 +280,15 @@ impl Spm {
                     let pooled = self.pooled_anchors(d, &ta.text_embeds)?;
                     let text_embeds = assemble(&ua.text_embeds, &pooled)?;
                     trace.insert("pooled_anchors".into(), pooled);
-                    let with = e.uncond.with_time_ids(ids)?;
-                    let time_ids = with.added.expect("SDXL").time_ids.get(0)?.unsqueeze(0)?;
                     Some(Added {
                         text_embeds,
-                        time_ids: time_ids.repeat((n, 1))?,
+                        time_ids: ua.time_ids.repeat((n, 1))?,
                     })
                 }
                 _ => None,
             };
-            let batch = Cond { ctx, added };
+            // The step's size ids on every row, as the other predictions.
+            let batch = Cond { ctx, added }.with_time_ids(ids)?;
             let xs = x.repeat((n / b, 1, 1, 1))?;
             let a_on = net.eps(true, &xs, t, &batch)?;
             let a_off = net.eps(false, &xs, t, &batch)?;
