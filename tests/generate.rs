@@ -222,28 +222,7 @@ fn check_pipeline(arch: &str, case: &str, sampler: Option<Sampler>, single_file:
     let e = expected(arch);
     let sd = load(arch, single_file);
     let opts = options(arch, "a photo of a cat", sampler, Vec::new());
-    let out = generate::sample_prompt(
-        &sd,
-        &sd.scheduler,
-        &opts,
-        None,
-        "a photo of a cat",
-        &Quiet,
-        &AtomicBool::new(false),
-    )
-    .unwrap();
-    let dl = max_diff(
-        &out.columns[0].latents,
-        &e[&format!("pipe/{case}/latents")].1,
-    );
-    let di = max_diff(
-        &image01(&out.images[0]),
-        &e[&format!("pipe/{case}/image")].1,
-    );
-    assert!(
-        dl < 1e-3 && di < 1e-3,
-        "{arch} {case}: latents {dl}, image {di}"
-    );
+    check_pipeline_case(&sd, &opts, &e, case, arch);
 }
 
 #[test]

@@ -7,13 +7,12 @@
 use std::path::PathBuf;
 mod common;
 
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use candle_core::{DType, Device};
 use common::gen::*;
 use spm::adapter::Adapter;
-use spm::generate::{self, GenerateOptions};
+use spm::generate::GenerateOptions;
 use spm::model::nn::{Mix, Rows};
 use spm::model::sd::{adapter_set, StableDiffusion};
 use spm::model::unet::Added;
@@ -194,28 +193,7 @@ fn sdxl_pipeline_matches_diffusers() {
             ("plain", "", 1.0),
         ] {
             let opts = options("a photo of a cat", neg, cfg, Vec::new());
-            let out = generate::sample_prompt(
-                &sd,
-                &sd.scheduler,
-                &opts,
-                None,
-                "a photo of a cat",
-                &Quiet,
-                &AtomicBool::new(false),
-            )
-            .unwrap();
-            let dl = max_diff(
-                &out.columns[0].latents,
-                &e[&format!("pipe/{case}/latents")].1,
-            );
-            let di = max_diff(
-                &image01(&out.images[0]),
-                &e[&format!("pipe/{case}/image")].1,
-            );
-            assert!(
-                dl < 1e-3 && di < 1e-3,
-                "single {single} {case}: latents {dl}, image {di}"
-            );
+            check_pipeline_case(&sd, &opts, &e, case, &format!("single file {single}"));
         }
     }
 }

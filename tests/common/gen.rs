@@ -119,3 +119,37 @@ pub fn check_ft(
         assert!(dl < 1e-3 && di < 1e-3, "{p}: latents {dl}, image {di}");
     }
 }
+
+/// A whole pipeline run of "a photo of a cat" without membranes against the
+/// fixture's `pipe/{case}/latents` and `pipe/{case}/image` (≤ 1e-3);
+/// `what` names the run in a failure.
+pub fn check_pipeline_case(
+    sd: &StableDiffusion,
+    opts: &GenerateOptions,
+    e: &Expected,
+    case: &str,
+    what: &str,
+) {
+    let out = generate::sample_prompt(
+        sd,
+        &sd.scheduler,
+        opts,
+        None,
+        "a photo of a cat",
+        &Quiet,
+        &AtomicBool::new(false),
+    )
+    .unwrap();
+    let dl = max_diff(
+        &out.columns[0].latents,
+        &e[&format!("pipe/{case}/latents")].1,
+    );
+    let di = max_diff(
+        &image01(&out.images[0]),
+        &e[&format!("pipe/{case}/image")].1,
+    );
+    assert!(
+        dl < 1e-3 && di < 1e-3,
+        "{what} {case}: latents {dl}, image {di}"
+    );
+}
